@@ -1,0 +1,111 @@
+"""`MeZOConfig`: the Trainer's arguments plus the zeroth-order knobs.
+
+A `TrainingArguments` subclass in the TRL style: every field carries its help text, so the config
+works unchanged with `HfArgumentParser` (`--zo_eps 1e-3 --zo_num_directions 2 ...`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
+
+# What a plain `TrainingArguments` gets when handed to `MeZOTrainer`: the paper's defaults.
+ZO_DEFAULTS: dict[str, Any] = {
+    "zo_eps": 1e-3,
+    "zo_num_directions": 1,
+    "zo_distribution": "gaussian",
+    "zo_seed": None,
+    "zo_stochastic_rounding": True,
+    "zo_train_top_layers": None,
+}
+
+
+def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> None:
+    """Raise a `ValueError` naming the bad zeroth-order setting and its fix. Called before any work."""
+    eps = settings["zo_eps"]
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"zo_eps must be a positive number (the perturbation scale ε), got {eps!r}; the paper uses 1e-3.")
+    n = settings["zo_num_directions"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"zo_num_directions must be an integer ≥ 1 (directions per step), got {n!r}.")
+    distribution = settings["zo_distribution"]
+    if distribution not in ZO_DISTRIBUTIONS:
+        raise ValueError(f"zo_distribution must be one of {ZO_DISTRIBUTIONS}, got {distribution!r}.")
+    seed = settings["zo_seed"]
+    if seed is not None and (not isinstance(seed, int) or seed < 0):
+        raise ValueError(f"zo_seed must be a non-negative integer or None (use `seed`), got {seed!r}.")
+    top = settings["zo_train_top_layers"]
+    if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
+        raise ValueError(f"zo_train_top_layers must be None (all layers) or an integer ≥ 0, got {top!r}.")
+    if fp16:
+        raise ValueError(
+            "fp16=True (autocast + GradScaler) does not apply to MeZO: there is no backward pass, so the "
+            "GradScaler has no gradients to unscale. Use bf16=True for autocast, or load the model with "
+            "dtype=torch.float16 / torch.bfloat16 to train in half precision."
+        )
+
+
+def zo_settings(args: TrainingArguments) -> dict[str, Any]:
+    """The zeroth-order settings of `args`: its own `zo_*` fields, or the paper's defaults for plain args."""
+    settings = {name: getattr(args, name, default) for name, default in ZO_DEFAULTS.items()}
+    validate_zo_settings(settings, fp16=bool(getattr(args, "fp16", False)))
+    return settings
+
+
+@dataclass
+class MeZOConfig(TrainingArguments):
+    """Arguments for `MeZOTrainer`: everything `TrainingArguments` has, plus the `zo_*` fields.
+
+    One MeZO step draws a direction z from a seed, evaluates the loss at θ + εz and θ − εz,
+    forms the projected gradient g = (L₊ − L₋) / 2ε and updates θ ← θ − lr·(g·z + wd·θ).
+    `learning_rate`, `weight_decay`, the LR schedule and checkpointing are the Trainer's own.
+    """
+
+    zo_eps: float = field(
+        default=1e-3,
+        metadata={"help": "Perturbation scale ε of the two-point estimate. 1e-3 is the MeZO paper's value for full tuning."},
+    )
+    zo_num_directions: int = field(
+        default=1,
+        metadata={
+            "help": "n-SPSA: seeded directions per optimizer step, their projected gradients averaged. Each costs "
+            "two forward passes; the paper uses 1."
+        },
+    )
+    zo_distribution: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Distribution of z: 'gaussian' (N(0, I), as in the paper) or 'rademacher' (±1, cheaper to draw, "
+            "same E[zzᵀ] = I)."
+        },
+    )
+    zo_seed: int | None = field(
+        default=None,
+        metadata={
+            "help": "Seed of the direction stream (z depends on it, the step, the direction and the parameter's name). "
+            "None uses `seed`. The global torch RNG is never touched."
+        },
+    )
+    zo_stochastic_rounding: bool = field(
+        default=True,
+        metadata={
+            "help": "For bf16/fp16 weights: round each update stochastically, so updates far below the weights' "
+            "precision still move them in expectation instead of vanishing."
+        },
+    )
+    zo_train_top_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Train only the top K encoder layers and the LM head (None: all parameters). Fewer perturbed "
+            "parameters, and the frozen bottom layers can be cached by the prompt-MLM models; costs some accuracy."
+        },
+    )
+
+    def __post_init__(self):
+        # Validate before the parent builds devices and accelerator state: bad input fails fast.
+        validate_zo_settings({name: getattr(self, name) for name in ZO_DEFAULTS}, fp16=self.fp16)
+        super().__post_init__()

@@ -1,0 +1,248 @@
+"""`ZerothOrderSGD`: the MeZO update rule as a `torch.optim.Optimizer`.
+
+Being an `Optimizer` is what keeps the Trainer's machinery working: LR schedulers read and write
+`param_groups[i]["lr"]`, weight decay is per group (off for bias/LayerNorm, as the Trainer groups
+it), and `state_dict()` lands in `optimizer.pt` and resumes the seed stream.
+
+The optimizer owns the direction stream. For the current step it can produce θ ± εz for any
+parameter (`perturbed`), accumulates the projected gradients g that the trainer measures
+(`accumulate`), and `step()` applies θ ← θ − lr·(mean_j g_j·z_j + wd·θ), regenerating each z_j from
+its seed, then advances the step counter. State is O(n) scalars, never O(model).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .config import ZO_DISTRIBUTIONS
+from .directions import draw_direction, draw_dtype
+
+
+class ZerothOrderSGD(torch.optim.Optimizer):
+    """SGD on seeded two-point (SPSA) gradient estimates; no `.grad` is ever read or written.
+
+    Args:
+        params: named parameters, as `model.named_parameters()` or param groups whose `"params"` are
+            `(name, parameter)` pairs (PyTorch ≥ 2.6). Names seed the directions, so they must be stable
+            across runs and resumes.
+        lr: learning rate (the paper: 1e-6 for full tuning of RoBERTa-large, 1e-4 with LoRA).
+        weight_decay: decoupled-from-nothing L2 term as in MeZO: θ ← θ − lr·wd·θ.
+        eps: perturbation scale ε.
+        num_directions: directions per step (n-SPSA); their projected gradients are averaged.
+        distribution: "gaussian" or "rademacher".
+        seed: run seed of the direction stream.
+        stochastic_rounding: round updates of bf16/fp16 parameters stochastically.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        eps: float = 1e-3,
+        num_directions: int = 1,
+        distribution: str = "gaussian",
+        seed: int = 0,
+        stochastic_rounding: bool = True,
+    ):
+        if not lr >= 0:
+            raise ValueError(f"lr must be ≥ 0, got {lr!r}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0 (the perturbation scale), got {eps!r}; the paper uses 1e-3")
+        if not isinstance(num_directions, int) or num_directions < 1:
+            raise ValueError(f"num_directions must be an integer ≥ 1, got {num_directions!r}")
+        if distribution not in ZO_DISTRIBUTIONS:
+            raise ValueError(f"distribution must be one of {ZO_DISTRIBUTIONS}, got {distribution!r}")
+        defaults = dict(
+            lr=lr,
+            weight_decay=weight_decay,
+            eps=eps,
+            num_directions=num_directions,
+            distribution=distribution,
+            seed=int(seed),
+            zo_step=0,
+            stochastic_rounding=stochastic_rounding,
+        )
+        super().__init__(params, defaults)
+        if not any(group["params"] for group in self.param_groups):
+            raise ValueError(
+                "ZerothOrderSGD got no parameters to train: every parameter is frozen (requires_grad=False). "
+                "Unfreeze the parameters to tune, or attach an adapter (peft) first."
+            )
+        self.param_names: dict[int, str] = {}
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if names is None:
+                raise TypeError(
+                    "ZerothOrderSGD needs named parameters: directions are seeded by parameter name so that they do "
+                    "not depend on which other parameters exist. Pass `model.named_parameters()` (or groups whose "
+                    "'params' are (name, parameter) pairs) instead of bare parameters."
+                )
+            self.param_names.update({id(p): name for p, name in zip(group["params"], names)})
+        # Projected gradients measured for the current step, summed over micro-batches (one per direction).
+        self._projected_grads: list[torch.Tensor | float] = [0.0] * num_directions
+        self._reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._reduced: torch.Tensor | None = None
+        self._skip_step = False
+
+    # ---- state shared with the trainer -------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far; seeds the directions of the next step."""
+        return self.param_groups[0]["zo_step"]
+
+    @property
+    def eps(self) -> float:
+        return self.param_groups[0]["eps"]
+
+    @property
+    def num_directions(self) -> int:
+        return self.param_groups[0]["num_directions"]
+
+    def set_reduction(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        """Install a mean-reduction across processes for the projected gradients (one small tensor a step)."""
+        self._reduce = reduce
+
+    def named_trainable_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                yield self.param_names[id(p)], p, group
+
+    def direction(self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """z_direction of `param` for the current step, flattened, in its draw dtype (see `directions`)."""
+        group = self.param_groups[0]
+        return draw_direction(
+            self.param_names[id(param)],
+            param.numel(),
+            run_seed=group["seed"],
+            step=group["zo_step"],
+            direction=direction,
+            distribution=group["distribution"],
+            dtype=draw_dtype(param.dtype),
+            device=param.device,
+            start=start,
+            end=end,
+        )
+
+    @torch.no_grad()
+    def perturbed(self, param: torch.Tensor, direction: int, scale: float) -> torch.Tensor:
+        """A new tensor θ + scale·z, computed in the draw dtype and rounded once to the parameter's dtype.
+
+        `param` itself is never modified, which is what makes the restore after a perturbed forward exact.
+        """
+        z = self.direction(param, direction).view_as(param)
+        if z.dtype == param.dtype:
+            return torch.add(param, z, alpha=scale, out=z)
+        return torch.add(param.to(z.dtype), z, alpha=scale).to(param.dtype)
+
+    def accumulate(self, direction: int, projected_grad: torch.Tensor) -> None:
+        """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
+        if not torch.isfinite(projected_grad).all():
+            self._skip_step = True
+        self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().float()
+        self._reduced = None
+
+    def projected_grads(self) -> torch.Tensor:
+        """The step's projected gradients (n,), averaged across processes if a reduction is installed."""
+        if self._reduced is None:
+            grads = torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in self._projected_grads])
+            device = next(p.device for _, p, _ in self.named_trainable_parameters())
+            grads = grads.to(device)
+            if self._reduce is not None:
+                grads = self._reduce(grads)
+            self._reduced = grads
+        return self._reduced
+
+    def projected_grad_norm(self) -> float:
+        """RMS of the step's projected gradients: |g| for one direction. Logged as `grad_norm`."""
+        grads = self.projected_grads()
+        return float(grads.double().pow(2).mean().sqrt())
+
+    # ---- the update ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Apply θ ← θ − lr·(mean_j g_j·z_j + wd·θ) and advance to the next step's directions.
+
+        A non-finite projected gradient skips the update (parameters untouched) with a warning; the step
+        counter still advances so the next step draws fresh directions.
+        """
+        loss = closure() if closure is not None else None
+        grads = self.projected_grads()
+        n = self.num_directions
+        if self._skip_step or not torch.isfinite(grads).all():
+            warnings.warn(
+                f"MeZO step {self.step_count}: non-finite loss in a perturbed forward (projected gradients "
+                f"{grads.tolist()}); the update is skipped and the parameters are left unchanged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            coefficients = [float(g) / n for g in grads.double()]
+            for name, param, group in self.named_trainable_parameters():
+                self._update_parameter(param, group, coefficients)
+        for group in self.param_groups:
+            group["zo_step"] += 1
+        self._projected_grads = [0.0] * n
+        self._reduced = None
+        self._skip_step = False
+        return loss
+
+    def _update_parameter(self, param: torch.Tensor, group: dict, coefficients: list[float]) -> None:
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        steps = [(d, -lr * c) for d, c in enumerate(coefficients) if lr * c != 0.0]
+        decay = 1.0 - lr * weight_decay
+        if not steps and decay == 1.0:
+            return  # nothing moves: leave the bits alone (adding 0 would turn -0.0 into +0.0)
+        if draw_dtype(param.dtype) == param.dtype:
+            if decay != 1.0:
+                param.mul_(decay)
+            for direction, alpha in steps:
+                param.add_(self.direction(param, direction).view_as(param), alpha=alpha)
+            return
+        # Low-precision weights: accumulate the update in float32, round once.
+        updated = param.float()
+        if decay != 1.0:
+            updated.mul_(decay)
+        for direction, alpha in steps:
+            updated.add_(self.direction(param, direction).view_as(param), alpha=alpha)
+        if group["stochastic_rounding"]:
+            param.copy_(self._stochastic_round(updated, param))
+        else:
+            param.copy_(updated)
+
+    def _stochastic_round(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """Round float32 `value` to `param.dtype`, up or down with probability by distance (unbiased).
+
+        The random bits come from the parameter's own seeded stream (a direction index no direction uses),
+        so the rounding is as reproducible as the directions.
+        """
+        nearest = value.to(param.dtype)
+        nearest32 = nearest.float()
+        toward = torch.where(nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf))
+        other = torch.nextafter(nearest, toward).float()
+        gap = (other - nearest32).abs()
+        p_other = torch.where(gap > 0, (value - nearest32).abs() / gap, torch.zeros_like(gap))
+        group = self.param_groups[0]
+        uniform = draw_direction(
+            self.param_names[id(param)] + "#rounding",
+            param.numel(),
+            run_seed=group["seed"],
+            step=group["zo_step"],
+            direction=0,
+            distribution="gaussian",
+            dtype=torch.float32,
+            device=param.device,
+        ).view_as(param)
+        # A standard normal through its CDF is uniform on (0, 1).
+        uniform = torch.special.ndtr(uniform)
+        rounded = torch.where(uniform < p_other, other, nearest32)
+        return rounded.to(param.dtype)

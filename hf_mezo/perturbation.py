@@ -1,0 +1,84 @@
+"""Module-scoped perturbation: each module sees θ ± εz for its own parameters only while it runs.
+
+Why not perturb in place (θ += εz; θ −= 2εz; θ += εz) like the reference implementation? Because
+floating-point addition is not invertible: fl(fl(θ + εz) − εz) ≠ θ for a few percent of elements,
+so every step leaves ~1-ulp noise behind (the reference's drift), and a step with lr = 0 does not
+leave the model unchanged. Exact in-place restore would need a copy of θ.
+
+Here the parameters are never written during the two forward passes. A forward pre-hook on each
+module that owns trainable parameters swaps `param.data` for a freshly computed θ + s·z (drawn from
+the seeded stream into a new tensor), and a forward hook swaps the original storage back. The
+original tensor is untouched, so the restore is bit-exact, and the extra memory is one module's
+parameters at a time (the z buffer that is needed anyway), not a copy of the model.
+
+Parameters shared by several modules (tied embeddings / LM decoder) are perturbed by each module
+that runs with them; the same seed gives the same z, and a module nested in another that already
+perturbed a shared parameter leaves it alone. A parameter that the forward reads outside its owning
+module's `forward` is not perturbed — all `transformers` models read weights through their owners.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .optimizer import ZerothOrderSGD
+
+
+def _owned_trainable(model: nn.Module, trainable: set[int]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
+    owners = []
+    for module in model.modules():
+        params = [p for p in module._parameters.values() if p is not None and id(p) in trainable]
+        if params:
+            owners.append((module, params))
+    return owners
+
+
+@contextlib.contextmanager
+def perturbed_forward(
+    model: nn.Module, optimizer: ZerothOrderSGD, direction: int, scale: float
+) -> Iterator[set[int]]:
+    """Within the block, forwards of `model` see θ + scale·z_direction for the optimizer's parameters.
+
+    Yields the set of ids of parameters that have been perturbed at least once (for coverage checks).
+    """
+    trainable = {id(p) for _, p, _ in optimizer.named_trainable_parameters()}
+    active: dict[int, torch.Tensor] = {}  # id(param) -> original storage, while perturbed
+    touched: set[int] = set()
+    handles = []
+
+    def pre_hook(params: list[nn.Parameter]):
+        def hook(module, args):
+            mine = []
+            for p in params:
+                if id(p) in active:  # an enclosing module already perturbed this shared parameter
+                    continue
+                perturbed = optimizer.perturbed(p, direction, scale)
+                active[id(p)] = p.data
+                p.data = perturbed
+                touched.add(id(p))
+                mine.append(p)
+            module._zo_restore = mine
+
+        return hook
+
+    def post_hook(module, args, output):
+        for p in module.__dict__.pop("_zo_restore", ()):
+            p.data = active.pop(id(p))
+
+    for module, params in _owned_trainable(model, trainable):
+        handles.append(module.register_forward_pre_hook(pre_hook(params)))
+        handles.append(module.register_forward_hook(post_hook, always_call=True))
+    try:
+        with torch.no_grad():
+            yield touched
+    finally:
+        for handle in handles:
+            handle.remove()
+        # Anything still swapped (a forward that raised inside a module) goes back to its original storage.
+        for _, p, _ in optimizer.named_trainable_parameters():
+            if id(p) in active:
+                p.data = active.pop(id(p))

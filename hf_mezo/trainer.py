@@ -1,0 +1,151 @@
+"""`MeZOTrainer`: the Hugging Face Trainer with a zeroth-order `training_step`.
+
+Only the step changes. For each micro-batch the trainer evaluates `compute_loss` at θ + εz and at
+θ − εz (dropout off, no autograd), adds g = (L₊ − L₋) / 2ε to the optimizer's running projected
+gradient and returns (L₊ + L₋) / 2 as the training loss. The Trainer's loop then calls
+`optimizer.step()` once per optimizer step, which regenerates z and applies the update. Data
+loading, gradient accumulation, LR schedules, logging, evaluation, checkpointing, resuming and
+callbacks are the Trainer's own.
+
+Loss scaling follows the Trainer's `training_step` exactly: a loss already normalized by
+`num_items_in_batch` (models that accept loss kwargs) is summed over micro-batches, any other loss
+is divided by the number of accumulation steps. So g is the directional derivative of the same
+objective whose gradient the stock Trainer would back-propagate, including the `num_processes`
+factor that `average_tokens_across_devices` applies — which the cross-process mean of g undoes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+from transformers.utils import logging
+
+from .config import zo_settings
+from .optimizer import ZerothOrderSGD
+from .perturbation import perturbed_forward
+
+logger = logging.get_logger(__name__)
+
+
+class MeZOTrainer(Trainer):
+    """Drop-in replacement for `transformers.Trainer` that trains with MeZO (no backward pass).
+
+    Accepts a `MeZOConfig`, or plain `TrainingArguments` (then the paper's MeZO defaults apply:
+    ε = 1e-3, one Gaussian direction per step). An optimizer passed through `optimizers=` must be a
+    `ZerothOrderSGD`.
+    """
+
+    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
+        if args is None:
+            raise ValueError("MeZOTrainer needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set.")
+        self.zo = zo_settings(args)  # validates before any work
+        optimizer = (kwargs.get("optimizers") or (None, None))[0]
+        if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
+            raise TypeError(
+                f"MeZOTrainer got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
+                "Pass a hf_mezo.ZerothOrderSGD, or leave `optimizers` unset to get one from the config."
+            )
+        if kwargs.get("optimizer_cls_and_kwargs") is not None:
+            cls = kwargs["optimizer_cls_and_kwargs"][0]
+            if not (isinstance(cls, type) and issubclass(cls, ZerothOrderSGD)):
+                raise TypeError(
+                    f"MeZOTrainer got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
+                )
+        if model is not None and not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(
+                "MeZOTrainer got a model with no trainable parameters (requires_grad=False everywhere). "
+                "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
+            )
+        super().__init__(model, args, *pargs, **kwargs)
+
+    # ---- optimizer ------------------------------------------------------------------------------
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """A `ZerothOrderSGD` over the trainable parameters, grouped like the Trainer's AdamW."""
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(opt_model))
+            named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
+            ]
+            seed = self.zo["zo_seed"] if self.zo["zo_seed"] is not None else self.args.seed
+            self.optimizer = ZerothOrderSGD(
+                [g for g in groups if g["params"]],
+                lr=self.args.learning_rate,
+                eps=self.zo["zo_eps"],
+                num_directions=self.zo["zo_num_directions"],
+                distribution=self.zo["zo_distribution"],
+                seed=seed,
+                stochastic_rounding=self.zo["zo_stochastic_rounding"],
+            )
+        self.zo_optimizer.set_reduction(self._mean_across_processes)
+        return self.optimizer
+
+    @property
+    def zo_optimizer(self) -> ZerothOrderSGD:
+        """The `ZerothOrderSGD` behind the (possibly Accelerate-wrapped) optimizer."""
+        optimizer = self.optimizer
+        while not isinstance(optimizer, ZerothOrderSGD):
+            inner = getattr(optimizer, "optimizer", None)
+            if inner is None:
+                raise TypeError(f"MeZOTrainer's optimizer is {type(self.optimizer).__name__}, not a ZerothOrderSGD.")
+            optimizer = inner
+        return optimizer
+
+    def _mean_across_processes(self, projected_grads: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return projected_grads
+        return self.accelerator.reduce(projected_grads, reduction="mean")
+
+    # ---- the step -------------------------------------------------------------------------------
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Two perturbed forwards per direction; accumulates g into the optimizer; returns (L₊ + L₋) / 2."""
+        optimizer = self.zo_optimizer
+        inputs = self._prepare_inputs(inputs)
+        was_training = model.training
+        model.eval()  # dropout off: both passes must see the same function of θ
+        scaled_for_ga = (
+            self.loss_is_scaled_for_ga
+            if self.loss_is_scaled_for_ga is not None
+            else (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+        )
+        ga_divisor = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
+        eps = optimizer.eps
+        mean_losses = []
+        try:
+            for direction in range(optimizer.num_directions):
+                losses = []
+                for scale in (eps, -eps):
+                    with perturbed_forward(model, optimizer, direction, scale):
+                        with self.compute_loss_context_manager():
+                            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                    if self.args.n_gpu > 1:
+                        loss = loss.mean()
+                    losses.append(loss.detach().float() / ga_divisor)
+                loss_plus, loss_minus = losses
+                optimizer.accumulate(direction, (loss_plus - loss_minus) / (2 * eps))
+                if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
+                    logger.warning(
+                        f"MeZO step {self.state.global_step}: non-finite loss (L+={loss_plus.item()}, "
+                        f"L-={loss_minus.item()}); this step's update will be skipped."
+                    )
+                mean_losses.append((loss_plus + loss_minus) / 2)
+        finally:
+            model.train(was_training)
+        return torch.stack(mean_losses).mean().to(self.args.device)
+
+    # The Trainer clips and measures `.grad` before `optimizer.step()`; MeZO has none. Report the projected
+    # gradient instead (averaged across processes), so `grad_norm` in the logs means |g|.
+    def _clip_grad_norm(self, model: nn.Module) -> float:
+        return self.zo_optimizer.projected_grad_norm()
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: float | None = None) -> float:
+        return self.zo_optimizer.projected_grad_norm() if grad_norm is None else grad_norm
