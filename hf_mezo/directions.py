@@ -49,8 +49,12 @@ def draw_dtype(param_dtype: torch.dtype) -> torch.dtype:
 def _fill(chunk: torch.Tensor, distribution: str, generator: torch.Generator) -> None:
     if distribution == "gaussian":
         chunk.normal_(generator=generator)
-    else:  # rademacher: ±1 with equal probability
+    elif distribution == "rademacher":  # ±1 with equal probability
         chunk.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    elif distribution == "uniform":  # U[0, 1): the random bits of stochastic rounding
+        chunk.uniform_(generator=generator)
+    else:
+        raise ValueError(f"unknown direction distribution {distribution!r}")
 
 
 def draw_direction(

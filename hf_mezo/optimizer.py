@@ -147,13 +147,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
         if not torch.isfinite(projected_grad).all():
             self._skip_step = True
-        self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().float()
+        self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
         self._reduced = None
 
     def projected_grads(self) -> torch.Tensor:
         """The step's projected gradients (n,), averaged across processes if a reduction is installed."""
         if self._reduced is None:
-            grads = torch.stack([torch.as_tensor(g, dtype=torch.float32) for g in self._projected_grads])
+            grads = torch.stack([torch.as_tensor(g, dtype=torch.float64) for g in self._projected_grads])
             device = next(p.device for _, p, _ in self.named_trainable_parameters())
             grads = grads.to(device)
             if self._reduce is not None:
@@ -238,11 +238,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             run_seed=group["seed"],
             step=group["zo_step"],
             direction=0,
-            distribution="gaussian",
+            distribution="uniform",
             dtype=torch.float32,
             device=param.device,
         ).view_as(param)
-        # A standard normal through its CDF is uniform on (0, 1).
-        uniform = torch.special.ndtr(uniform)
         rounded = torch.where(uniform < p_other, other, nearest32)
         return rounded.to(param.dtype)

@@ -7,11 +7,11 @@ gradient and returns (L₊ + L₋) / 2 as the training loss. The Trainer's loop 
 loading, gradient accumulation, LR schedules, logging, evaluation, checkpointing, resuming and
 callbacks are the Trainer's own.
 
-Loss scaling follows the Trainer's `training_step` exactly: a loss already normalized by
-`num_items_in_batch` (models that accept loss kwargs) is summed over micro-batches, any other loss
-is divided by the number of accumulation steps. So g is the directional derivative of the same
-objective whose gradient the stock Trainer would back-propagate, including the `num_processes`
-factor that `average_tokens_across_devices` applies — which the cross-process mean of g undoes.
+Under gradient accumulation each micro-batch's mean loss is weighted by its share of the step's
+labelled items (labels ≠ -100, counted the Trainer's way), so the step optimizes the mean over all
+items of the step — for every model, including those that accept `num_items_in_batch` but ignore it.
+Across processes the share is of the global count (`average_tokens_across_devices`), and the
+projected gradients are mean-reduced: every rank then applies the same update.
 """
 
 from __future__ import annotations
@@ -104,20 +104,63 @@ class MeZOTrainer(Trainer):
 
     # ---- the step -------------------------------------------------------------------------------
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The Trainer's prefetch of one optimizer step's micro-batches, plus MeZO's own label count.
+
+        `num_items_in_batch` reaches only models that honour it; many (e.g. RoBERTa's heads) accept
+        `**kwargs` yet average their loss per micro-batch, so under accumulation the stock Trainer's loss
+        is off by the number of micro-batches. MeZO instead weights each micro-batch's mean loss by its
+        share of the step's labelled items, which is exact for any mean-reduced loss.
+        """
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        counts = [self._count_label_items(batch) for batch in batch_samples]
+        total = None
+        if counts and all(c is not None for c in counts):
+            total = torch.tensor(float(sum(counts)), device=device)
+            if self._zo_tokens_across_processes:
+                total = self.accelerator.gather(total.reshape(1)).sum()
+        self._zo_step_items = None if total is None else float(total)
+        return batch_samples, num_items_in_batch
+
+    @property
+    def _zo_tokens_across_processes(self) -> bool:
+        return bool(self.args.average_tokens_across_devices) and self.accelerator.num_processes > 1
+
+    def _count_label_items(self, batch: dict[str, Any]) -> int | None:
+        """Items a mean-reduced loss averages over: labels ≠ -100 (shifted for causal LMs), as the Trainer counts."""
+        if not isinstance(batch, dict) or "labels" not in batch or not torch.is_tensor(batch["labels"]):
+            return None
+        if "shift_labels" in batch:
+            labels = batch["shift_labels"]
+        elif self._loss_shifts_labels:
+            labels = batch["labels"][..., 1:]
+        else:
+            labels = batch["labels"]
+        return int(labels.ne(-100).sum())
+
+    def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> tuple[float, Any]:
+        """(weight of this micro-batch's loss in the step's objective, num_items_in_batch to pass on)."""
+        if self.compute_loss_func is not None or self.loss_is_scaled_for_ga:
+            return 1.0, num_items_in_batch  # the loss is already normalized over the whole step
+        items, total = self._count_label_items(inputs), getattr(self, "_zo_step_items", None)
+        if self.loss_is_scaled_for_ga is None and items is not None and total:
+            # Mean over this micro-batch × its share of the step's items = the step's mean over all items.
+            # Across processes (average_tokens_across_devices) the share is of the global count, and the
+            # cross-process *mean* of the projected gradients needs the factor num_processes back.
+            scale = self.accelerator.num_processes if self._zo_tokens_across_processes else 1
+            return items * scale / total, None
+        return 1.0 / self.current_gradient_accumulation_steps, None
+
     def training_step(
         self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
         """Two perturbed forwards per direction; accumulates g into the optimizer; returns (L₊ + L₋) / 2."""
         optimizer = self.zo_optimizer
         inputs = self._prepare_inputs(inputs)
-        was_training = model.training
+        weight, loss_items = self._micro_batch_weight(inputs, num_items_in_batch)
+        if weight == 0.0:  # no labelled item in this micro-batch: it contributes nothing
+            return torch.zeros((), device=self.args.device)
         model.eval()  # dropout off: both passes must see the same function of θ
-        scaled_for_ga = (
-            self.loss_is_scaled_for_ga
-            if self.loss_is_scaled_for_ga is not None
-            else (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        )
-        ga_divisor = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
         eps = optimizer.eps
         mean_losses = []
         try:
@@ -126,10 +169,11 @@ class MeZOTrainer(Trainer):
                 for scale in (eps, -eps):
                     with perturbed_forward(model, optimizer, direction, scale):
                         with self.compute_loss_context_manager():
-                            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items_in_batch)
+                            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=loss_items)
                     if self.args.n_gpu > 1:
                         loss = loss.mean()
-                    losses.append(loss.detach().float() / ga_divisor)
+                    # float64: L₊ − L₋ is a small difference of two close numbers
+                    losses.append(loss.detach().double() * weight)
                 loss_plus, loss_minus = losses
                 optimizer.accumulate(direction, (loss_plus - loss_minus) / (2 * eps))
                 if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
@@ -139,8 +183,8 @@ class MeZOTrainer(Trainer):
                     )
                 mean_losses.append((loss_plus + loss_minus) / 2)
         finally:
-            model.train(was_training)
-        return torch.stack(mean_losses).mean().to(self.args.device)
+            model.train()  # as the stock training_step leaves it
+        return torch.stack(mean_losses).mean().float().to(self.args.device)
 
     # The Trainer clips and measures `.grad` before `optimizer.step()`; MeZO has none. Report the projected
     # gradient instead (averaged across processes), so `grad_norm` in the logs means |g|.
