@@ -19,14 +19,21 @@ parameter's dtype. z differs between CPU and CUDA generators: a trajectory is pe
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Elements per independently seeded chunk: large enough that seeding costs nothing next to drawing,
-# small enough that a shard boundary wastes little.
-CHUNK_NUMEL = 1 << 20
+# Elements per independently seeded chunk: large enough that seeding (~µs) costs nothing next to
+# drawing (~150 µs at 400 M values/s), small enough that a 768×768 matrix splits across CPU threads
+# and a shard boundary wastes little.
+CHUNK_NUMEL = 1 << 16
 
-_generators: dict[torch.device, torch.Generator] = {}
+# One generator per (thread, device). On CPU, `normal_` is single-threaded, so chunks are drawn by a
+# small thread pool (one worker per intra-op thread): 2 threads draw ~2× faster on 2 cores.
+_local = threading.local()
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def chunk_seed(run_seed: int, step: int, direction: int, name: str, chunk: int) -> int:
@@ -36,9 +43,20 @@ def chunk_seed(run_seed: int, step: int, direction: int, name: str, chunk: int) 
 
 
 def _generator(device: torch.device) -> torch.Generator:
-    if device not in _generators:
-        _generators[device] = torch.Generator(device=device)
-    return _generators[device]
+    generators = _local.__dict__.setdefault("generators", {})
+    if device not in generators:
+        generators[device] = torch.Generator(device=device)
+    return generators[device]
+
+
+def _cpu_pool() -> ThreadPoolExecutor | None:
+    global _pool, _pool_size
+    workers = torch.get_num_threads()
+    if workers <= 1:
+        return None
+    if _pool is None or _pool_size != workers:
+        _pool, _pool_size = ThreadPoolExecutor(workers, thread_name_prefix="hf_mezo_rng"), workers
+    return _pool
 
 
 def draw_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -49,8 +67,8 @@ def draw_dtype(param_dtype: torch.dtype) -> torch.dtype:
 def _fill(chunk: torch.Tensor, distribution: str, generator: torch.Generator) -> None:
     if distribution == "gaussian":
         chunk.normal_(generator=generator)
-    elif distribution == "rademacher":  # ±1 with equal probability
-        chunk.bernoulli_(0.5, generator=generator).mul_(2).sub_(1)
+    elif distribution == "rademacher":  # ±1 with equal probability (random_ is 4× faster than bernoulli_)
+        chunk.random_(0, 2, generator=generator).mul_(2).sub_(1)
     elif distribution == "uniform":  # U[0, 1): the random bits of stochastic rounding
         chunk.uniform_(generator=generator)
     else:
@@ -78,13 +96,14 @@ def draw_direction(
     if not 0 <= start <= end <= numel:
         raise ValueError(f"direction slice [{start}, {end}) is outside parameter {name!r} of {numel} elements")
     device = torch.device(device)
-    generator = _generator(device)
     out = torch.empty(end - start, dtype=dtype, device=device)
-    first_chunk, last_chunk = start // CHUNK_NUMEL, (end - 1) // CHUNK_NUMEL if end > start else -1
-    for chunk in range(first_chunk, last_chunk + 1):
+    chunks = range(start // CHUNK_NUMEL, (end - 1) // CHUNK_NUMEL + 1) if end > start else range(0)
+
+    def draw_chunk(chunk: int) -> None:
         chunk_start = chunk * CHUNK_NUMEL
         chunk_end = min(chunk_start + CHUNK_NUMEL, numel)
         lo, hi = max(start, chunk_start), min(end, chunk_end)
+        generator = _generator(device)
         generator.manual_seed(chunk_seed(run_seed, step, direction, name, chunk))
         if lo == chunk_start and hi == chunk_end:
             _fill(out[lo - start : hi - start], distribution, generator)
@@ -92,4 +111,13 @@ def draw_direction(
             whole = torch.empty(chunk_end - chunk_start, dtype=dtype, device=device)
             _fill(whole, distribution, generator)
             out[lo - start : hi - start] = whole[lo - chunk_start : hi - chunk_start]
+
+    pool = _cpu_pool() if device.type == "cpu" and len(chunks) > 1 else None
+    if pool is None:
+        for chunk in chunks:
+            draw_chunk(chunk)
+    else:
+        # Each worker takes an interleaved share; the values do not depend on which thread draws a chunk.
+        workers = min(_pool_size, len(chunks))
+        list(pool.map(lambda w: [draw_chunk(c) for c in chunks[w::workers]], range(workers)))
     return out

@@ -134,3 +134,15 @@ def test_bf16_update_below_precision_moves_weights_with_stochastic_rounding():
     # Unbiased: the mean update along -z matches lr (to sampling error of ±3σ).
     projected = float((delta * -z).mean())
     assert abs(projected - 1e-4) < 3 * 2**-7 / (20_000**0.5)
+
+
+def test_direction_does_not_depend_on_the_number_of_drawing_threads():
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        serial = _draw("w", 5 * CHUNK_NUMEL + 7)
+        torch.set_num_threads(2)
+        parallel = _draw("w", 5 * CHUNK_NUMEL + 7)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(serial, parallel)
