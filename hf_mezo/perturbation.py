@@ -13,13 +13,18 @@ parameters at a time (the z buffer that is needed anyway), not a copy of the mod
 
 Parameters shared by several modules (tied embeddings / LM decoder) are perturbed by each module
 that runs with them; the same seed gives the same z, and a module nested in another that already
-perturbed a shared parameter leaves it alone. A parameter that the forward reads outside its owning
-module's `forward` is not perturbed — all `transformers` models read weights through their owners.
+perturbed a shared parameter leaves it alone. Parameters held by a container that has no `forward`
+(`nn.ParameterDict`/`ParameterList`, e.g. peft's LoRA on embeddings, `lora_embedding_A`) are
+perturbed by the nearest enclosing module that does run. A parameter that the forward reads outside
+its owner's `forward` is not perturbed; `transformers` models and peft adapters (LoRA, prefix and
+prompt tuning) read theirs inside, and a forward that leaves a trainable parameter untouched warns
+once, since MeZO would then update it along z with a projected gradient that does not involve it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -28,13 +33,24 @@ from torch import nn
 from .optimizer import ZerothOrderSGD
 
 
+def _runs_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward  # containers (ParameterDict, ModuleList, ...) never run
+
+
 def _owned_trainable(model: nn.Module, trainable: set[int]) -> list[tuple[nn.Module, list[nn.Parameter]]]:
-    owners = []
-    for module in model.modules():
+    """(module whose forward hooks perturb them, its trainable parameters), in `model.modules()` order."""
+    owners: dict[int, tuple[nn.Module, list[nn.Parameter]]] = {}
+    ancestors: dict[int, nn.Module] = {}  # id(module) -> nearest module at or above it that runs forward
+    for name, module in model.named_modules(remove_duplicate=False):
+        if id(module) not in ancestors:
+            parent = ancestors.get(id(model.get_submodule(name.rpartition(".")[0]))) if name else None
+            ancestors[id(module)] = module if _runs_forward(module) or parent is None else parent
         params = [p for p in module._parameters.values() if p is not None and id(p) in trainable]
         if params:
-            owners.append((module, params))
-    return owners
+            owner = ancestors[id(module)]
+            held = owners.setdefault(id(owner), (owner, []))[1]
+            held.extend(p for p in params if all(p is not q for q in held))
+    return list(owners.values())
 
 
 @contextlib.contextmanager
@@ -75,6 +91,16 @@ def perturbed_forward(
     try:
         with torch.no_grad():
             yield touched
+        if touched and len(touched) < len(trainable):
+            untouched = [n for n, p, _ in optimizer.named_trainable_parameters() if id(p) not in touched]
+            warnings.warn(
+                f"MeZO: {len(untouched)} trainable parameter(s) were not perturbed by this forward, e.g. "
+                f"{untouched[:3]}: the model did not use them, or read them outside their module's forward. MeZO "
+                "would move them along z with a projected gradient that does not depend on them (a random walk). "
+                "Freeze them (requires_grad=False), or make their owning module call them.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     finally:
         for handle in handles:
             handle.remove()

@@ -1,0 +1,183 @@
+"""MeZO with peft adapters: only adapter tensors move, g matches autograd, adapters save and load the peft way."""
+
+import warnings
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import PeftModel, PromptTuningConfig, get_peft_model
+from transformers import RobertaForMaskedLM, Trainer
+
+from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, perturbed_forward
+from hf_mezo.adapters import (
+    MEZO_PAPER_SETTINGS,
+    init_prefix_from_tokens,
+    lora_config_for_mezo,
+    prefix_config_for_mezo,
+)
+
+from .conftest import tiny_roberta_config
+
+
+def _masked_lm(dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return RobertaForMaskedLM(tiny_roberta_config()).to(dtype)
+
+
+def _mlm_dataset(n=8, length=8, seed=0):
+    """Random sentences with two labelled (to-be-predicted) positions each, -100 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, length), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, 2:4] = ids[:, 2:4]
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()})
+
+
+def _args(tmp_path, **overrides):
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=3,
+    )
+    kwargs.update(overrides)
+    return MeZOConfig(**kwargs)
+
+
+def _snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _batch(data):
+    return {k: torch.tensor(data[k]) for k in ("input_ids", "attention_mask", "labels")}
+
+
+def test_lora_changes_only_adapters_and_g_equals_autograd_directional_derivative_float64(tmp_path):
+    # init_lora_weights=False: B is random too, so both A and B enter the derivative.
+    model = get_peft_model(_masked_lm(torch.float64), lora_config_for_mezo(init_lora_weights=False))
+    data = _mlm_dataset()
+    eta, eps = 1e-3, 1e-6
+    before = _snapshot(model)
+    adapters = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(".lora_A." in n or ".lora_B." in n for n in adapters)
+
+    # Independent computation: autograd over the adapter parameters, dropout off.
+    model.eval()
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(model(**_batch(data)).loss, [params[n] for n in adapters])
+
+    trainer = MeZOTrainer(model=model, args=_args(tmp_path, learning_rate=eta, zo_eps=eps), train_dataset=data)
+    trainer.create_optimizer()
+    opt = trainer.zo_optimizer
+    assert sorted(n for n, _, _ in opt.named_trainable_parameters()) == sorted(adapters)
+    z = {n: opt.direction(params[n], 0).view_as(params[n]).clone() for n in adapters}
+    directional = float(sum((g * z[n]).sum() for n, g in zip(adapters, grads)))
+
+    trainer.train()
+    for n, p in model.named_parameters():
+        if n not in z:  # the frozen base model: bit-identical
+            assert torch.equal(p.detach(), before[n]), n
+    deltas = {n: params[n].detach() - before[n] for n in adapters}
+    g_observed = float(sum((deltas[n] * z[n]).sum() for n in z) / (-eta * sum((z[n] ** 2).sum() for n in z)))
+    for n in adapters:
+        torch.testing.assert_close(deltas[n], -eta * g_observed * z[n], rtol=1e-9, atol=1e-15)
+    assert abs(g_observed - directional) <= 1e-6 * abs(directional)
+
+
+def _adapter_files(path):
+    return sorted(p.name for p in path.iterdir() if p.is_file())
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_adapter_trains_saves_the_peft_way_and_loads_back_for_evaluation(tmp_path, method):
+    config = lora_config_for_mezo() if method == "lora" else prefix_config_for_mezo()
+    model = get_peft_model(_masked_lm(), config)
+    if method == "prefix":
+        init_prefix_from_tokens(model)
+    data = _mlm_dataset(n=16)
+    before = _snapshot(model)
+    args = _args(tmp_path, max_steps=4, **MEZO_PAPER_SETTINGS[method])
+    trainer = MeZOTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    for n, p in model.named_parameters():
+        # Every adapter tensor moves (LoRA's zero-initialized B included); the frozen base model never does.
+        assert torch.equal(p.detach(), before[n]) == (n not in trainable), n
+    assert all("loss" in log for log in trainer.state.log_history if "grad_norm" in log)
+
+    out = tmp_path / "adapter"
+    trainer.save_model(str(out))
+    files = _adapter_files(out)
+    assert "adapter_config.json" in files and "adapter_model.safetensors" in files
+    assert "model.safetensors" not in files  # the adapter alone, not the base model
+
+    # Loaded for inference (peft's inference path), evaluated by the stock Trainer.
+    loaded = PeftModel.from_pretrained(_masked_lm(), str(out))  # same seed: the same base weights
+    expected = trainer.evaluate()["eval_loss"]
+    reloaded = Trainer(model=loaded, args=_args(tmp_path), eval_dataset=data).evaluate()["eval_loss"]
+    assert reloaded == pytest.approx(expected, rel=1e-6)
+
+
+def _coverage_models():
+    yield "lora-query-value", lora_config_for_mezo()
+    yield "lora-embeddings-dense", lora_config_for_mezo(target_modules=["word_embeddings", "dense"])
+    yield "prefix", prefix_config_for_mezo()
+    yield "prefix-projection", prefix_config_for_mezo(prefix_projection=True, encoder_hidden_size=8)
+    yield "prompt-tuning", PromptTuningConfig(num_virtual_tokens=3, task_type="FEATURE_EXTRACTION")
+
+
+@pytest.mark.parametrize("name,config", list(_coverage_models()), ids=[n for n, _ in _coverage_models()])
+def test_perturbation_reaches_every_trainable_adapter_parameter(name, config):
+    model = get_peft_model(_masked_lm(), config)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = ZerothOrderSGD([{"params": named}], lr=1e-3)
+    batch = _batch(_mlm_dataset(n=2))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # an untouched parameter would warn
+        with perturbed_forward(model, opt, 0, 1e-3) as touched:
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert {n for n, p in named if id(p) not in touched} == set()
+
+
+def test_a_trainable_parameter_the_forward_never_perturbs_warns():
+    model = _masked_lm()
+    model.unused = torch.nn.Linear(2, 2)  # a module the forward never calls
+    opt = ZerothOrderSGD(model.named_parameters(), lr=1e-3)
+    with pytest.warns(RuntimeWarning, match=r"not perturbed.*'unused.weight'"):
+        with perturbed_forward(model, opt, 0, 1e-3):
+            model(input_ids=torch.tensor([[0, 5, 2]]))
+
+
+def test_init_prefix_from_tokens_copies_each_layers_key_and_value_activations():
+    model = get_peft_model(_masked_lm(), prefix_config_for_mezo(num_virtual_tokens=3))
+    tokens = init_prefix_from_tokens(model, [5, 17, 42])
+    base = model.get_base_model().eval()
+    with torch.no_grad():  # independent: the base model's hidden states into each layer, through key/value
+        hidden = base(input_ids=tokens[None], output_hidden_states=True).hidden_states
+        expected = [
+            proj(hidden[i][0])
+            for i, layer in enumerate(base.roberta.encoder.layer)
+            for proj in (layer.attention.self.key, layer.attention.self.value)
+        ]
+    torch.testing.assert_close(model.prompt_encoder["default"].embedding.weight, torch.cat(expected, dim=-1))
+
+
+def test_config_helpers_validate_and_carry_the_paper_defaults():
+    lora = lora_config_for_mezo()
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout) == (8, 16, 0.0)
+    assert prefix_config_for_mezo().num_virtual_tokens == 5
+    with pytest.raises(ValueError, match="task_type"):
+        prefix_config_for_mezo(task_type=None)
+    with pytest.raises(ValueError, match="rank"):
+        lora_config_for_mezo(r=0)
