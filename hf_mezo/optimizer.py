@@ -21,6 +21,18 @@ import torch
 
 from .config import ZO_DISTRIBUTIONS
 from .directions import draw_direction, draw_dtype
+from .distributed import local_shard
+
+
+def add_scaled(values: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
+    """values + scale·z as a new tensor of `values`' dtype, computed in z's dtype (rounded once).
+
+    Elementwise, so perturbing a gathered subset of a parameter gives bit-for-bit the same values as
+    perturbing the whole parameter and gathering.
+    """
+    if z.dtype == values.dtype:
+        return torch.add(values, z, alpha=scale, out=z)
+    return torch.add(values.to(z.dtype), z, alpha=scale).to(values.dtype)
 
 
 class ZerothOrderSGD(torch.optim.Optimizer):
@@ -113,8 +125,10 @@ class ZerothOrderSGD(torch.optim.Optimizer):
 
     def named_trainable_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
         for group in self.param_groups:
-            for p in group["params"]:
-                yield self.param_names[id(p)], p, group
+            # Names travel with the groups: Accelerate's FSDP2 preparation swaps `params` for their shards.
+            for p, name in zip(group["params"], group["param_names"]):
+                self.param_names[id(p)] = name
+                yield name, p, group
 
     def direction(self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None) -> torch.Tensor:
         """z_direction of `param` for the current step, flattened, in its draw dtype (see `directions`)."""
@@ -138,10 +152,15 @@ class ZerothOrderSGD(torch.optim.Optimizer):
 
         `param` itself is never modified, which is what makes the restore after a perturbed forward exact.
         """
-        z = self.direction(param, direction).view_as(param)
-        if z.dtype == param.dtype:
-            return torch.add(param, z, alpha=scale, out=z)
-        return torch.add(param.to(z.dtype), z, alpha=scale).to(param.dtype)
+        return self.perturbed_slice(param, direction, scale).view_as(param)
+
+    @torch.no_grad()
+    def perturbed_slice(
+        self, param: torch.Tensor, direction: int, scale: float, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
+        """Elements [start, end) of the flattened θ + scale·z (for streaming large matrices block by block)."""
+        z = self.direction(param, direction, start=start, end=end)
+        return add_scaled(param.reshape(-1)[start:end], z, scale)
 
     def accumulate(self, direction: int, projected_grad: torch.Tensor) -> None:
         """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
@@ -198,6 +217,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
 
     def _update_parameter(self, param: torch.Tensor, group: dict, coefficients: list[float]) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]
+        full = param
+        param, start = local_shard(full)  # this process's rows of a sharded (FSDP2) parameter, else all of it
+        span = {"start": start, "end": start + param.numel()}
         steps = [(d, -lr * c) for d, c in enumerate(coefficients) if lr * c != 0.0]
         decay = 1.0 - lr * weight_decay
         if not steps and decay == 1.0:
@@ -206,25 +228,29 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             if decay != 1.0:
                 param.mul_(decay)
             for direction, alpha in steps:
-                param.add_(self.direction(param, direction).view_as(param), alpha=alpha)
+                param.add_(self.direction(full, direction, **span).view_as(param), alpha=alpha)
             return
         # Low-precision weights: accumulate the update in float32, round once.
         updated = param.float()
         if decay != 1.0:
             updated.mul_(decay)
         for direction, alpha in steps:
-            updated.add_(self.direction(param, direction).view_as(param), alpha=alpha)
+            updated.add_(self.direction(full, direction, **span).view_as(param), alpha=alpha)
         if group["stochastic_rounding"]:
-            param.copy_(self._stochastic_round(updated, param))
+            param.copy_(self._stochastic_round(updated, param, full, start))
         else:
             param.copy_(updated)
 
-    def _stochastic_round(self, value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    def _stochastic_round(
+        self, value: torch.Tensor, param: torch.Tensor, full: torch.Tensor | None = None, start: int = 0
+    ) -> torch.Tensor:
         """Round float32 `value` to `param.dtype`, up or down with probability by distance (unbiased).
 
         The random bits come from the parameter's own seeded stream (a direction index no direction uses),
-        so the rounding is as reproducible as the directions.
+        so the rounding is as reproducible as the directions. `param` may be the shard at flat offset
+        `start` of the parameter `full`; its bits are then that slice of the full parameter's.
         """
+        full = param if full is None else full
         nearest = value.to(param.dtype)
         nearest32 = nearest.float()
         toward = torch.where(nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf))
@@ -233,14 +259,16 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         p_other = torch.where(gap > 0, (value - nearest32).abs() / gap, torch.zeros_like(gap))
         group = self.param_groups[0]
         uniform = draw_direction(
-            self.param_names[id(param)] + "#rounding",
-            param.numel(),
+            self.param_names[id(full)] + "#rounding",
+            full.numel(),
             run_seed=group["seed"],
             step=group["zo_step"],
             direction=0,
             distribution="uniform",
             dtype=torch.float32,
             device=param.device,
+            start=start,
+            end=start + param.numel(),
         ).view_as(param)
         rounded = torch.where(uniform < p_other, other, nearest32)
         return rounded.to(param.dtype)

@@ -9,7 +9,9 @@ Here the parameters are never written during the two forward passes. A forward p
 module that owns trainable parameters swaps `param.data` for a freshly computed θ + s·z (drawn from
 the seeded stream into a new tensor), and a forward hook swaps the original storage back. The
 original tensor is untouched, so the restore is bit-exact, and the extra memory is one module's
-parameters at a time (the z buffer that is needed anyway), not a copy of the model.
+parameters at a time (the z buffer that is needed anyway), not a copy of the model. Large
+`nn.Linear`/`nn.Embedding` weights (the tied vocabulary matrix) are not even swapped whole: their
+modules compute with the perturbation streamed block by block (`streamed`), bit-identically.
 
 Parameters shared by several modules (tied embeddings / LM decoder) are perturbed by each module
 that runs with them; the same seed gives the same z, and a module nested in another that already
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from .optimizer import ZerothOrderSGD
+from .streamed import streamed_forward, streams
 
 
 def _runs_forward(module: nn.Module) -> bool:
@@ -85,9 +88,26 @@ def perturbed_forward(
         for p in module.__dict__.pop("_zo_restore", ()):
             p.data = active.pop(id(p))
 
+    streamed: list[nn.Module] = []
+
+    def stream(module: nn.Module, weight: nn.Parameter) -> None:
+        perturbed_call = streamed_forward(module, optimizer, direction, scale, lambda: touched.add(id(weight)))
+        plain_call = type(module).forward.__get__(module)
+
+        def forward(*args, **kwargs):
+            # A shared weight that an enclosing module already swapped is perturbed as it is.
+            return (plain_call if id(weight) in active else perturbed_call)(*args, **kwargs)
+
+        module.forward = forward
+        streamed.append(module)
+
     for module, params in _owned_trainable(model, trainable):
-        handles.append(module.register_forward_pre_hook(pre_hook(params)))
-        handles.append(module.register_forward_hook(post_hook, always_call=True))
+        swapped = [p for p in params if not streams(module, p)]
+        if len(swapped) < len(params):
+            stream(module, module.weight)
+        if swapped:
+            handles.append(module.register_forward_pre_hook(pre_hook(swapped)))
+            handles.append(module.register_forward_hook(post_hook, always_call=True))
     try:
         with torch.no_grad():
             yield touched
@@ -104,6 +124,8 @@ def perturbed_forward(
     finally:
         for handle in handles:
             handle.remove()
+        for module in streamed:
+            del module.forward
         # Anything still swapped (a forward that raised inside a module) goes back to its original storage.
         for _, p, _ in optimizer.named_trainable_parameters():
             if id(p) in active:
