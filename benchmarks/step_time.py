@@ -1,0 +1,259 @@
+"""Step time, passes over the parameters and peak memory: hf_mezo's MeZO step vs the reference algorithm.
+
+On one batch and a randomly initialized stock `RobertaForMaskedLM` (full-vocabulary logits), times
+
+  forward     one no-grad forward (inference),
+  mezo        one MeZO step of `MeZOTrainer` (two perturbed forwards + the update),
+  reference   one step of the reference algorithm (princeton-nlp/MeZO, re-implemented here from its
+              description): global `torch.manual_seed`, `torch.normal` per parameter, in-place
+              +ε / −2ε / +ε restore, z regenerated once more for the update,
+
+counts how many values of z each step draws per trainable parameter ("passes"), and measures the peak
+memory (RSS above the process's baseline after imports, each variant in a fresh subprocess) of
+inference, a MeZO step, and a `Trainer`-style AdamW step (forward + backward + AdamW).
+
+    python benchmarks/step_time.py                 # roberta-base shape, 16×64
+    python benchmarks/step_time.py --shape large   # roberta-large shape
+
+Prints a table and writes benchmarks/results/step_time[_<shape>].json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+}
+
+
+def build(shape: str):
+    from transformers import RobertaConfig, RobertaForMaskedLM
+
+    config = RobertaConfig(vocab_size=50265, max_position_embeddings=514, type_vocab_size=1, **SHAPES[shape])
+    torch.manual_seed(0)
+    return RobertaForMaskedLM(config).eval()
+
+
+def batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 50265, (batch_size, seq_len), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, seq_len // 2] = torch.where(torch.arange(batch_size) % 2 == 0, 6587, 372)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def mezo_trainer(model, output_dir: str):
+    from hf_mezo import MeZOConfig, MeZOTrainer
+
+    args = MeZOConfig(output_dir=output_dir, report_to=[], use_cpu=True, learning_rate=1e-6, disable_tqdm=True)
+    trainer = MeZOTrainer(model=model, args=args)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    trainer._zo_step_items = None
+    return trainer
+
+
+def mezo_step(trainer, inputs) -> None:
+    trainer.training_step(trainer.model, inputs)
+    trainer.optimizer.step()
+
+
+class ReferenceMeZO:
+    """The reference algorithm's step, as the MeZO paper's code describes it (not its code)."""
+
+    def __init__(self, model, eps=1e-3, lr=1e-6, weight_decay=0.0):
+        self.model, self.eps, self.lr, self.weight_decay = model, eps, lr, weight_decay
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.drawn = 0
+
+    def _perturb(self, seed: int, scale: float) -> None:
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            self.drawn += z.numel()
+            p.data = p.data + scale * self.eps * z
+
+    @torch.no_grad()
+    def step(self, inputs) -> None:
+        seed = int(torch.randint(0, 1_000_000_000, ()))
+        self._perturb(seed, 1)
+        loss_plus = self.model(**inputs).loss
+        self._perturb(seed, -2)
+        loss_minus = self.model(**inputs).loss
+        projected_grad = float((loss_plus - loss_minus) / (2 * self.eps))
+        self._perturb(seed, 1)
+        torch.manual_seed(seed)
+        for p in self.params:
+            z = torch.normal(mean=0, std=1, size=p.size(), device=p.device, dtype=p.dtype)
+            self.drawn += z.numel()
+            p.data = p.data - self.lr * (projected_grad * z + self.weight_decay * p.data)
+
+
+def timed(fn, repeats: int) -> list[float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def count_mezo_draws(trainer, inputs) -> float:
+    """Values of z drawn in one MeZO step, per trainable parameter element."""
+    import hf_mezo.optimizer as optimizer_module
+
+    drawn = 0
+    original = optimizer_module.draw_direction
+
+    def counting(name, numel, **kw):
+        nonlocal drawn
+        out = original(name, numel, **kw)
+        drawn += out.numel()
+        return out
+
+    optimizer_module.draw_direction = counting
+    try:
+        mezo_step(trainer, inputs)
+    finally:
+        optimizer_module.draw_direction = original
+    return drawn / sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+
+
+# ---- memory: one variant per fresh process ----------------------------------------------------------
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def memory_worker(variant: str, shape: str, batch_size: int, seq_len: int) -> None:
+    torch.set_num_threads(2)
+    import transformers  # noqa: F401  (imports are part of the baseline)
+
+    import hf_mezo  # noqa: F401
+
+    base = _rss_mib()
+    model, inputs = build(shape), batch(batch_size, seq_len)
+    if variant == "inference":
+        with torch.no_grad():
+            model(**inputs)
+    elif variant == "mezo":
+        with tempfile.TemporaryDirectory() as out:
+            trainer = mezo_trainer(model, out)
+            mezo_step(trainer, inputs)
+            mezo_step(trainer, inputs)
+    elif variant == "adamw":
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        for _ in range(2):
+            model(**inputs).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    print(json.dumps({"variant": variant, "baseline_mib": base, "peak_mib": peak, "peak_above_baseline_mib": peak - base}))
+
+
+def measure_memory(variant: str, shape: str, batch_size: int, seq_len: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-worker", variant, "--shape", shape, "--batch", str(batch_size), "--seq", str(seq_len)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="base")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--memory-worker", choices=["inference", "mezo", "adamw"], help=argparse.SUPPRESS)
+    parser.add_argument("--output", type=Path, default=None)
+    args = parser.parse_args()
+    if args.memory_worker:
+        memory_worker(args.memory_worker, args.shape, args.batch, args.seq)
+        return
+
+    torch.set_num_threads(args.threads)
+    model, inputs = build(args.shape), batch(args.batch, args.seq)
+    n_params = sum(p.numel() for p in model.parameters())
+    results: dict = {
+        "shape": args.shape,
+        "batch": [args.batch, args.seq],
+        "parameters": n_params,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
+    }
+
+    with torch.no_grad():
+        forward = timed(lambda: model(**inputs), args.repeats)
+    with tempfile.TemporaryDirectory() as out:
+        trainer = mezo_trainer(model, out)
+        mezo = timed(lambda: mezo_step(trainer, inputs), args.repeats)
+        mezo_passes = count_mezo_draws(trainer, inputs)
+    reference = ReferenceMeZO(model)
+    ref = timed(lambda: reference.step(inputs), args.repeats)
+    reference.drawn = 0
+    reference.step(inputs)
+    ref_passes = reference.drawn / n_params
+
+    f, m, r = (statistics.median(t) for t in (forward, mezo, ref))
+    results["time_s"] = {"forward": f, "mezo_step": m, "reference_step": r}
+    results["passes_over_parameters"] = {"mezo": mezo_passes, "reference": ref_passes}
+    results["ratios"] = {"mezo_step_over_two_forwards": m / (2 * f), "reference_over_mezo": r / m}
+
+    rows = [
+        ("forward (inference)", f, "", ""),
+        ("MeZO step (hf_mezo)", m, f"{m / (2 * f):.2f}", f"{mezo_passes:.2f}"),
+        ("MeZO step (reference)", r, f"{r / (2 * f):.2f}", f"{ref_passes:.2f}"),
+    ]
+    print(f"\n{args.shape}-shaped RobertaForMaskedLM ({n_params / 1e6:.1f}M params), batch {args.batch}×{args.seq}, {results['machine']}")
+    print(f"{'':24}{'median s':>10}{'× 2 fwd':>10}{'z passes':>10}")
+    for name, t, ratio, passes in rows:
+        print(f"{name:24}{t:10.3f}{ratio:>10}{passes:>10}")
+    print(f"reference / hf_mezo step time: {r / m:.2f}×")
+
+    if not args.skip_memory:
+        memory = {v: measure_memory(v, args.shape, args.batch, args.seq) for v in ("inference", "mezo", "adamw")}
+        inf = memory["inference"]["peak_above_baseline_mib"]
+        results["memory_mib"] = memory
+        results["ratios"]["mezo_memory_over_inference"] = memory["mezo"]["peak_above_baseline_mib"] / inf
+        results["ratios"]["adamw_memory_over_mezo"] = (
+            memory["adamw"]["peak_above_baseline_mib"] / memory["mezo"]["peak_above_baseline_mib"]
+        )
+        print(f"\npeak RSS above the process baseline (MiB; baseline ≈ {memory['inference']['baseline_mib']:.0f} MiB of imports)")
+        for v in ("inference", "mezo", "adamw"):
+            above = memory[v]["peak_above_baseline_mib"]
+            print(f"{v:24}{above:10.0f}{above / inf:10.2f}× inference")
+
+    output = args.output or Path(__file__).parent / "results" / (
+        "step_time.json" if args.shape == "base" else f"step_time_{args.shape}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()
