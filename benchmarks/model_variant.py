@@ -1,0 +1,249 @@
+"""Forward and MeZO step time: stock masked LM vs the label-word head vs the head + depth cache.
+
+On randomly initialized roberta-base- and roberta-large-shaped models and one batch of prompts (one mask
+per example, two label words as in SST-2), times
+
+  forward (no grad, with labels, so the loss is included)
+    stock          `RobertaForMaskedLM`: full-vocabulary logits at every position, MLM loss
+    label words    `RobertaForPromptMaskedLM` with label words: class logits at the mask, LM-BFF loss
+    label + cache  the same with the top 25% of the layers trainable and the depth cache warm
+  MeZO step (two perturbed forwards + the update, as `MeZOTrainer` takes it)
+    reference      the reference algorithm (princeton-nlp/MeZO, re-implemented from its description in
+                   benchmarks/step_time.py): stock model, all parameters, in-place perturbation
+    stock full     hf_mezo's step (`ZerothOrderSGD` + `perturbed_forward`), stock model, all parameters
+    stock top      hf_mezo's step, stock model, top 25% of the layers + head trainable
+    label top      hf_mezo's step, label-word head, top 25% trainable, no cache
+    label+cache    the same with the depth cache, warm (every example seen before: the few-shot regime)
+    (cold)         the first step with the cache, which fills it
+
+and the depth cache's memory per example. Targets (issue 4, on the 2-core CPU): label-word forward ≥ 1.5×
+faster than stock; top-25% step with cache ≥ 3× faster than without; and ≥ 2.5× faster than the reference.
+
+    python benchmarks/model_variant.py                                 # base + large, batch 16×64
+    python benchmarks/model_variant.py --batch_sizes 16 64             # and the MeZO paper's batch 64
+    python benchmarks/model_variant.py --shapes base --repeats 5
+    python benchmarks/model_variant.py --smoke                         # tiny shapes: checks that it runs
+
+Prints a table and writes benchmarks/results/model_variant.json (model_variant_smoke.json for --smoke).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, RobertaConfig, RobertaForMaskedLM
+
+from hf_mezo import ZerothOrderSGD, perturbed_forward
+from hf_mezo.models import RobertaForPromptMaskedLM, freeze_all_but_top_layers
+
+sys.path.insert(0, str(Path(__file__).parent))
+from step_time import ReferenceMeZO  # noqa: E402  (one reference implementation for all benchmarks)
+
+SHAPES = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
+    "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64),
+}
+VOCAB_SIZE = 50265
+LABEL_WORDS = [6587, 372]  # " terrible", " great" in the roberta-base vocabulary (LM-BFF's SST-2 verbalizer)
+
+
+@dataclass
+class BenchmarkArguments:
+    shapes: list[str] = field(
+        default_factory=lambda: ["base", "large"], metadata={"help": "Model shapes: base, large."}
+    )
+    batch_sizes: list[int] = field(default_factory=lambda: [16], metadata={"help": "Batch sizes (the paper: 64)."})
+    seq_len: int = field(default=64, metadata={"help": "Tokens per example (all attended, mask mid-sequence)."})
+    top_fraction: float = field(default=0.25, metadata={"help": "Fraction of the encoder layers to train."})
+    repeats: int = field(default=3, metadata={"help": "Timed runs per measurement (median reported)."})
+    warmup: int = field(default=1, metadata={"help": "Untimed runs before each measurement."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
+    smoke: bool = field(default=False, metadata={"help": "Tiny shapes, batch 4×16, one repeat: checks it runs."})
+    output: str | None = field(default=None, metadata={"help": "JSON path (default benchmarks/results/...)."})
+
+
+def label_words(vocab_size: int) -> list[int]:
+    return [word % vocab_size for word in LABEL_WORDS]  # the smoke run's vocabulary is smaller
+
+
+def make_batch(batch_size: int, seq_len: int, vocab_size: int, device: str) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
+    ids[:, 0], ids[:, -1] = 0, 2
+    labels = torch.full_like(ids, -100)
+    labels[:, seq_len // 2] = torch.tensor(label_words(vocab_size))[torch.arange(batch_size) % 2]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def build_models(shape: str, vocab_size: int, device: str):
+    """A stock and a prompt model with the same random weights."""
+    config = RobertaConfig(vocab_size=vocab_size, max_position_embeddings=514, type_vocab_size=1, **SHAPES[shape])
+    torch.manual_seed(0)
+    stock = RobertaForMaskedLM(config).eval().to(device)
+    prompt = RobertaForPromptMaskedLM(config, label_word_ids=label_words(vocab_size))
+    prompt.load_state_dict(stock.state_dict())
+    return stock, prompt.eval().to(device)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, args: BenchmarkArguments) -> float:
+    """Median seconds of `fn` over `repeats` runs, after `warmup` runs."""
+    for _ in range(args.warmup):
+        fn()
+    times = []
+    for _ in range(args.repeats):
+        synchronize(args.device)
+        start = time.perf_counter()
+        fn()
+        synchronize(args.device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def mezo_step(model, optimizer: ZerothOrderSGD, batch) -> None:
+    """One MeZO step as `MeZOTrainer` takes it: L₊, L₋, g = (L₊ − L₋)/2ε accumulated, then the update."""
+    losses = []
+    for scale in (optimizer.eps, -optimizer.eps):
+        with perturbed_forward(model, optimizer, 0, scale):
+            losses.append(model(**batch).loss)
+    optimizer.accumulate(0, (losses[0] - losses[1]) / (2 * optimizer.eps))
+    optimizer.step()
+
+
+def trainable_optimizer(model) -> ZerothOrderSGD:
+    return ZerothOrderSGD([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=1e-6)
+
+
+def measure(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: int, seq_len: int) -> dict:
+    stock, prompt = build_models(shape, vocab_size, args.device)
+    batch = make_batch(batch_size, seq_len, vocab_size, args.device)
+    layers = SHAPES[shape]["num_hidden_layers"]
+    top = max(1, round(args.top_fraction * layers))
+    times = {}
+
+    with torch.no_grad():
+        times["forward stock"] = timed(lambda: stock(**batch), args)
+        prompt.depth_cache.resize(0)
+        times["forward label words"] = timed(lambda: prompt(**batch), args)
+
+    # All parameters trainable: the paper's setting, reference and hf_mezo steps on the stock model.
+    times["step reference (all params)"] = timed(lambda: ReferenceMeZO(stock).step(batch), args)
+    optimizer = trainable_optimizer(stock)
+    times["step stock (all params)"] = timed(lambda: mezo_step(stock, optimizer, batch), args)
+
+    freeze_all_but_top_layers(stock, top)
+    optimizer = trainable_optimizer(stock)
+    times["step stock (top)"] = timed(lambda: mezo_step(stock, optimizer, batch), args)
+
+    freeze_all_but_top_layers(prompt, top)
+    optimizer = trainable_optimizer(prompt)
+    times["step label words (top)"] = timed(lambda: mezo_step(prompt, optimizer, batch), args)
+
+    prompt.depth_cache.resize(1 << 34)
+    synchronize(args.device)
+    start = time.perf_counter()
+    mezo_step(prompt, optimizer, batch)  # cold: fills the cache
+    synchronize(args.device)
+    times["step label words + cache (top), cold"] = time.perf_counter() - start
+    times["step label words + cache (top)"] = timed(lambda: mezo_step(prompt, optimizer, batch), args)
+    with torch.no_grad():
+        times["forward label words + cache (top)"] = timed(lambda: prompt(**batch), args)
+
+    cache = prompt.depth_cache
+    ratios = {
+        "forward: stock / label words": times["forward stock"] / times["forward label words"],
+        "forward: stock / label words + cache": times["forward stock"] / times["forward label words + cache (top)"],
+        "step: label words no cache / cache (top)": times["step label words (top)"]
+        / times["step label words + cache (top)"],
+        "step: stock top / label words + cache": times["step stock (top)"] / times["step label words + cache (top)"],
+        "step: reference / label words + cache": times["step reference (all params)"]
+        / times["step label words + cache (top)"],
+    }
+    return {
+        "shape": shape,
+        "batch": [batch_size, seq_len],
+        "trainable_layers": f"top {top} of {layers}",
+        "parameters": sum(p.numel() for p in stock.parameters()),
+        "seconds": times,
+        "ratios": ratios,
+        "targets_met": {
+            "label-word forward >= 1.5x stock": ratios["forward: stock / label words"] >= 1.5,
+            "cache step >= 3x no-cache step": ratios["step: label words no cache / cache (top)"] >= 3,
+            "cache step >= 2.5x reference step": ratios["step: reference / label words + cache"] >= 2.5,
+        },
+        "cache": {
+            "examples": len(cache),
+            "bytes_per_example": cache.bytes_per_example(),
+            "frozen_layers": prompt.frozen_depth(),
+            "hits": cache.hits,
+            "misses": cache.misses,
+        },
+    }
+
+
+def print_result(result: dict) -> None:
+    batch, seconds = result["batch"], result["seconds"]
+    print(
+        f"\n{result['shape']}-shaped RoBERTa ({result['parameters'] / 1e6:.1f}M params), batch {batch[0]}×{batch[1]}, "
+        f"'top' = {result['trainable_layers']} layers + head trainable"
+    )
+    print(f"{'':44}{'median s':>10}")
+    for name, value in seconds.items():
+        print(f"{name:44}{value:10.3f}")
+    for name, value in result["ratios"].items():
+        print(f"{name:44}{value:9.2f}×")
+    for name, met in result["targets_met"].items():
+        print(f"target {name:37}{'met' if met else 'NOT met':>10}")
+    cache = result["cache"]
+    print(
+        f"depth cache: {cache['examples']} examples, {cache['bytes_per_example'] / 1024:.0f} KiB each "
+        f"({cache['frozen_layers']} frozen layers cached)"
+    )
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(BenchmarkArguments).parse_args_into_dataclasses()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    shapes, batch_sizes, seq_len, vocab_size = args.shapes, args.batch_sizes, args.seq_len, VOCAB_SIZE
+    if args.smoke:
+        shapes, batch_sizes, seq_len, vocab_size = ["tiny"], [4], 16, 1000
+        args.repeats, args.warmup = 1, 1
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise ValueError(f"unknown shapes {unknown}; choose from {sorted(SHAPES)}")
+    results = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "runs": [],
+    }
+    print(results["machine"])
+    for shape in shapes:
+        for batch_size in batch_sizes:
+            result = measure(shape, batch_size, args, vocab_size, seq_len)
+            print_result(result)
+            results["runs"].append(result)
+    name = "model_variant_smoke.json" if args.smoke else "model_variant.json"
+    output = Path(args.output) if args.output else Path(__file__).parent / "results" / name
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    main()

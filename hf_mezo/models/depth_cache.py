@@ -1,0 +1,203 @@
+"""The depth cache: hidden states below the first trainable layer, computed once per distinct input.
+
+Why depth and not a sequence prefix: between the +εz and −εz passes every trainable weight differs, so
+nothing a trainable layer computes can be reused, and RoBERTa's attention is bidirectional, so the
+keys/values of a shared token prefix depend on the tokens after it. What is exactly reusable is the output
+of the frozen layers *below* the first trainable one (the "cut"): their weights are the same in both passes,
+in every step and every epoch, and the first trainable layer computes its keys and values from it.
+
+Entries are per example, keyed by the content of the example (input ids, attention mask, token types and
+position ids when given) up to its last attended position, so an example hits whatever batch it is shuffled
+into and however far it is padded. Why that is exact: a position whose attention mask is 0 is never attended
+to, and RoBERTa/BERT position ids depend only on the tokens before a position, so the hidden states of
+positions up to the last attended one do not depend on trailing padding. Trailing padded positions of a
+served batch are filled with zeros; they are never attended to, so no attended output depends on them.
+
+Never stale: before each use the cache compares a fingerprint of everything below the cut — for each
+parameter and buffer its identity, storage address, autograd version counter, dtype, device, shape and
+`requires_grad` — plus the cut itself and the attention implementation, and empties itself on any change.
+The version counter moves on every in-place write autograd can see (`with torch.no_grad(): p.add_(…)`,
+`copy_`, `load_state_dict`, `nn.init`, optimizer steps); replacing a parameter or assigning `p.data = t`
+changes identity or address; (un)freezing changes `requires_grad` and the cut. One write is invisible to it,
+by PyTorch's design: an in-place op on `p.data` (`p.data.add_(…)`) bypasses the version counter. After such a
+write below the cut call `clear()`. MeZO's own perturbation swaps `.data` of trainable parameters only, which
+lie above the cut by definition.
+
+Entries also record the autocast state they were computed under, so bf16-autocast and fp32 forwards never
+serve each other. Memory is bounded by `max_bytes` with least-recently-used eviction.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterable
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: ~4,000 roberta-large examples of 64 tokens (256 KiB each in fp32)
+
+
+def _checked_size(max_bytes: int) -> int:
+    if not isinstance(max_bytes, int) or isinstance(max_bytes, bool) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be an integer ≥ 0 (0 disables the depth cache), got {max_bytes!r}.")
+    return max_bytes
+
+
+class DepthCache:
+    """An LRU store of per-example hidden states, emptied whenever the fingerprint of the frozen stack changes.
+
+    Args:
+        max_bytes: memory bound for the stored hidden states (and their keys); 0 disables the cache.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.max_bytes = _checked_size(max_bytes)
+        self._entries: OrderedDict[Hashable, tuple[torch.Tensor, int]] = OrderedDict()
+        self._fingerprint: Hashable | None = None
+        # Detached views of the fingerprinted tensors. They keep a storage alive after `p.data = other`, so the
+        # allocator cannot hand its address to a later tensor and make an A → B → A swap look unchanged.
+        self._pinned: list[torch.Tensor] = []
+        self.bytes_used = 0
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+        self.invalidations = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_bytes > 0
+
+    def bytes_per_example(self) -> float:
+        """Mean memory of one stored example (hidden states + key), 0 when empty."""
+        return self.bytes_used / len(self._entries) if self._entries else 0.0
+
+    def resize(self, max_bytes: int) -> None:
+        """Change the memory bound (0 disables the cache), evicting least-recently-used entries to fit."""
+        self.max_bytes = _checked_size(max_bytes)
+        self._evict()
+
+    def clear(self) -> None:
+        """Drop every entry (statistics are kept)."""
+        self._entries.clear()
+        self.bytes_used = 0
+
+    def validate(self, fingerprint: Hashable, tensors: Iterable[torch.Tensor]) -> None:
+        """Empty the cache unless `fingerprint` equals the one its entries were computed under."""
+        if fingerprint != self._fingerprint:
+            if self._entries:
+                self.invalidations += 1
+            self.clear()
+            self._fingerprint = fingerprint
+            self._pinned = [t.detach() for t in tensors]
+
+    def get(self, key: Hashable) -> torch.Tensor | None:
+        entry = self._entries.get(key)
+        if entry is None:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return entry[0]
+
+    def put(self, key: Hashable, hidden: torch.Tensor, key_bytes: int = 0) -> None:
+        size = hidden.numel() * hidden.element_size() + key_bytes
+        if size > self.max_bytes:
+            return
+        if key in self._entries:
+            self.bytes_used -= self._entries.pop(key)[1]
+        self._entries[key] = (hidden, size)
+        self.bytes_used += size
+        self._evict()
+
+    def _evict(self) -> None:
+        while self.bytes_used > self.max_bytes:
+            _, (_, evicted) = self._entries.popitem(last=False)
+            self.bytes_used -= evicted
+            self.evictions += 1
+
+
+def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What changes when a tensor is replaced, moved, (un)frozen or written in place (see the module docstring)."""
+    return tuple(
+        (id(t), t.data_ptr(), t._version, t.requires_grad, t.dtype, t.device, tuple(t.shape)) for t in tensors
+    )
+
+
+def autocast_state(device: torch.device) -> tuple:
+    """The autocast setting a computation on `device` runs under: part of every entry's key."""
+    if not torch.is_autocast_enabled(device.type):
+        return (device.type, None)
+    return (device.type, torch.get_autocast_dtype(device.type))
+
+
+def _row(tensor: torch.Tensor | None, index: int, length: int) -> bytes:
+    return b"" if tensor is None else tensor[index, :length].numpy().tobytes()
+
+
+def cached_frozen_stack(
+    cache: DepthCache,
+    run_stack: Callable[..., torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    token_type_ids: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+) -> torch.Tensor:
+    """Hidden states (batch, length, hidden) of the frozen stack, served from `cache` where possible.
+
+    `run_stack(input_ids=, attention_mask=, token_type_ids=, position_ids=)` computes the frozen stack (embeddings
+    and the layers below the cut) for a batch. Only examples not in the cache are computed, as one batch trimmed
+    to their longest attended length, and stored; the batch is then assembled from the entries.
+    """
+    batch, length = input_ids.shape
+    if position_ids is not None:
+        position_ids = position_ids.expand(batch, -1)
+    # Keys are built on the CPU: one small device-to-host copy of the ids per forward.
+    ids, types, positions = (
+        None if t is None else t.detach().to("cpu", torch.int64) for t in (input_ids, token_type_ids, position_ids)
+    )
+    attended = None if attention_mask is None else attention_mask.detach().to("cpu").ne(0)
+    if attended is None:
+        lengths = [length] * batch
+    else:
+        # One past the last attended position; a row with nothing attended keeps its full length.
+        last = length - attended.flip(1).long().argmax(dim=1)
+        lengths = [int(n) if bool(row.any()) else length for n, row in zip(last, attended)]
+    context = autocast_state(input_ids.device)
+
+    keys = []
+    for i, n in enumerate(lengths):
+        keys.append((context, n, tuple(_row(t, i, n) for t in (ids, attended, types, positions))))
+    hidden_rows: list[torch.Tensor | None] = [cache.get(key) for key in keys]
+
+    missing: dict[Hashable, int] = {}  # key -> first row holding it (a batch may repeat an example)
+    for i, (key, row) in enumerate(zip(keys, hidden_rows)):
+        if row is None and key not in missing:
+            missing[key] = i
+    if missing:
+        rows = torch.tensor(list(missing.values()), device=input_ids.device)
+        width = max(lengths[i] for i in missing.values())
+
+        def select(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.index_select(0, rows)[:, :width]
+
+        with torch.no_grad():
+            computed = run_stack(
+                input_ids=select(input_ids),
+                attention_mask=select(attention_mask),
+                token_type_ids=select(token_type_ids),
+                position_ids=select(position_ids),
+            )
+        fresh = {}
+        for j, (key, i) in enumerate(missing.items()):
+            fresh[key] = computed[j, : lengths[i]].clone()
+            cache.put(key, fresh[key], key_bytes=sum(len(part) for part in key[2]))
+        hidden_rows = [fresh[key] if row is None else row for key, row in zip(keys, hidden_rows)]
+
+    hidden = pad_sequence(hidden_rows, batch_first=True)
+    if hidden.shape[1] < length:
+        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+    return hidden
