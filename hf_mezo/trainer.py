@@ -24,8 +24,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import zo_settings
+from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
 from .optimizer import ZerothOrderSGD
-from .perturbation import perturbed_forward
 
 logger = logging.get_logger(__name__)
 
@@ -167,7 +167,7 @@ class MeZOTrainer(Trainer):
             for direction in range(optimizer.num_directions):
                 losses = []
                 for scale in (eps, -eps):
-                    with perturbed_forward(model, optimizer, direction, scale):
+                    with perturbed(model, optimizer, direction, scale):
                         with self.compute_loss_context_manager():
                             loss = self.compute_loss(model, dict(inputs), num_items_in_batch=loss_items)
                     if self.args.n_gpu > 1:
@@ -193,3 +193,30 @@ class MeZOTrainer(Trainer):
 
     def _get_grad_norm(self, model: nn.Module, grad_norm: float | None = None) -> float:
         return self.zo_optimizer.projected_grad_norm() if grad_norm is None else grad_norm
+
+    # ---- distributed (hf_mezo.distributed) -------------------------------------------------------
+
+    def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
+        # Data-parallel MeZO exchanges n scalars a step and needs no DDP (which would broadcast buffers
+        # on every forward): the model is prepared without it and the replicas are synchronized once.
+        return wrap_model_for_mezo(self, super()._wrap_model, model, training, dataloader)
+
+    def check_rank_consistency(self, where: str = "on demand") -> None:
+        """Raise `RankDivergenceError` unless every process holds the same trainable weights and direction stream.
+
+        Runs before each checkpoint and evaluation; a collective, so call it on every process.
+        """
+        if self.optimizer is None:
+            check_rank_consistency(self.model, where=where)
+        else:
+            optimizer = self.zo_optimizer
+            named = [(name, p) for name, p, _ in optimizer.named_trainable_parameters()]
+            check_rank_consistency(named, optimizer, where=where)
+
+    def _save_checkpoint(self, model: nn.Module, trial) -> None:
+        self.check_rank_consistency("checkpoint save")
+        super()._save_checkpoint(model, trial)
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        self.check_rank_consistency("evaluation")
+        return super().evaluate(*args, **kwargs)
