@@ -492,3 +492,28 @@ def test_peft_adapters_on_top_layers_are_cut_above_the_cache():
     with torch.no_grad():
         uncached = model(**batch)
     torch.testing.assert_close(cached.logits, uncached.logits, rtol=1e-6, atol=1e-6)
+
+
+def test_sharded_layers_run_whole_and_are_never_cached():
+    """Under FSDP2 every rank must call every sharded layer (its collectives): no cache, no partial last layer."""
+    dist = pytest.importorskip("torch.distributed")
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    prompt, stock = make_models()
+    prompt.set_label_word_ids(LABEL_WORDS)
+    freeze_all_but_top_layers(prompt, 1)
+    batch = make_batch([0, 1, 2])
+    positions, _ = masks_and_classes(batch)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        for layer in prompt.roberta.encoder.layer:
+            fsdp.fully_shard(layer)
+        fsdp.fully_shard(prompt)
+        with torch.no_grad():
+            sharded = prompt(**batch)
+            prompt(**batch)
+    finally:
+        dist.destroy_process_group()
+    assert len(prompt.depth_cache) == 0
+    with torch.no_grad():
+        expected = stock(**batch).logits[torch.arange(3), positions][:, LABEL_WORDS]
+    torch.testing.assert_close(sharded.logits, expected, rtol=1e-5, atol=1e-6)

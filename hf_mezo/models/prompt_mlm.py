@@ -38,6 +38,27 @@ from .label_words import (
 )
 
 
+def _sharded_parameter_types() -> tuple[type, ...]:
+    try:
+        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch build without torch.distributed
+        return ()
+    return FSDPModule, FullyShardedDataParallel, DTensor
+
+
+def _gathers_parameters(module: nn.Module) -> bool:
+    """Whether `module` holds sharded parameters that hooks around its forward gather (FSDP 1/2, ZeRO-3).
+
+    Such a module must run whole, and on every rank alike: calling its children directly would read shards,
+    and a cache hit on one rank with a miss on another would leave the others waiting in its collectives.
+    """
+    types = _sharded_parameter_types()
+    if any(isinstance(m, types) for m in module.modules()):
+        return True
+    return any(isinstance(p, types) or hasattr(p, "ds_id") for p in module.parameters())
+
+
 class PromptMaskedLMMixin:
     """The label-word head and the depth cache, for a `transformers` masked LM of the BERT family.
 
@@ -136,6 +157,8 @@ class PromptMaskedLMMixin:
             self.depth_cache.validate((0,), ())  # everything trains: release the entries
             return 0
         frozen = [self.base_model.embeddings, *encoder_layers(self)[:depth]]
+        if isinstance(self, _sharded_parameter_types()) or any(_gathers_parameters(m) for m in frozen):
+            return 0  # sharded training (FSDP, ZeRO-3): each rank must run every layer's collectives
         if any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for module in frozen for m in module.modules()):
             return 0  # active dropout makes the frozen stack random: nothing to reuse
         tensors = [t for module in frozen for t in (*module.parameters(), *module.buffers())]
@@ -174,11 +197,14 @@ class PromptMaskedLMMixin:
         if len(top) == 0:
             return hidden if query_positions is None else hidden[rows, query_positions]
         mask = self._attention_mask(hidden, attention_mask)
-        for layer in top if query_positions is None else top[:-1]:
+        for layer in top[:-1]:
             hidden = layer(hidden, mask, position_ids=position_ids)
+        last = top[-1]
         if query_positions is None:
-            return hidden
-        last = top[-1]  # the stock layer's forward, with everything after self-attention at the queries only
+            return last(hidden, mask, position_ids=position_ids)
+        if _gathers_parameters(last):  # a sharded layer runs whole
+            return last(hidden, mask, position_ids=position_ids)[rows, query_positions]
+        # The stock layer's forward, with everything after self-attention at the queried positions only.
         attended, _ = last.attention.self(hidden, attention_mask=mask, position_ids=position_ids)
         attention_output = last.attention.output(attended[rows, query_positions], hidden[rows, query_positions])
         return last.feed_forward_chunk(attention_output)
