@@ -1,5 +1,6 @@
 """hf_mezo: zeroth-order (MeZO) fine-tuning as a drop-in extension of the Hugging Face Trainer."""
 
+from .adapters import MEZO_PAPER_SETTINGS, init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from .config import MeZOConfig
 from .models import (
     BertForPromptMaskedLM,
@@ -7,8 +8,10 @@ from .models import (
     XLMRobertaForPromptMaskedLM,
     freeze_all_but_top_layers,
 )
+from .objectives import generation_objective, negative_accuracy, negative_f1, token_f1
 from .optimizer import ZerothOrderSGD
 from .perturbation import perturbed_forward
+from .precision import float32_logits
 from .trainer import MeZOTrainer
 
 __all__ = ["MeZOConfig", "MeZOTrainer", "ZerothOrderSGD", "perturbed_forward"]
@@ -17,5 +20,16 @@ __all__ += [
     "RobertaForPromptMaskedLM",
     "XLMRobertaForPromptMaskedLM",
     "freeze_all_but_top_layers",
+]
+__all__ += [
+    "MEZO_PAPER_SETTINGS",
+    "float32_logits",
+    "generation_objective",
+    "init_prefix_from_tokens",
+    "lora_config_for_mezo",
+    "negative_accuracy",
+    "negative_f1",
+    "prefix_config_for_mezo",
+    "token_f1",
 ]
 __version__ = "0.1.0"

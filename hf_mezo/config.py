@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .objectives import OBJECTIVES
+
 ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 # What a plain `TrainingArguments` gets when handed to `MeZOTrainer`: the paper's defaults.
@@ -21,6 +23,8 @@ ZO_DEFAULTS: dict[str, Any] = {
     "zo_seed": None,
     "zo_stochastic_rounding": True,
     "zo_train_top_layers": None,
+    "zo_objective": None,
+    "zo_float32_logits": True,
 }
 
 
@@ -38,6 +42,12 @@ def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> Non
     seed = settings["zo_seed"]
     if seed is not None and (not isinstance(seed, int) or seed < 0):
         raise ValueError(f"zo_seed must be a non-negative integer or None (use `seed`), got {seed!r}.")
+    objective = settings["zo_objective"]
+    if objective is not None and objective not in OBJECTIVES:
+        raise ValueError(
+            f"zo_objective must be None (the model's loss) or one of {sorted(OBJECTIVES)}, got {objective!r}; "
+            "for another objective pass a callable to MeZOTrainer(objective=...)."
+        )
     top = settings["zo_train_top_layers"]
     if top is not None and (not isinstance(top, int) or isinstance(top, bool) or top < 0):
         raise ValueError(f"zo_train_top_layers must be None (all layers) or an integer ≥ 0, got {top!r}.")
@@ -102,6 +112,22 @@ class MeZOConfig(TrainingArguments):
         metadata={
             "help": "Train only the top K encoder layers and the LM head (None: all parameters). Fewer perturbed "
             "parameters, and the frozen bottom layers can be cached by the prompt-MLM models; costs some accuracy."
+        },
+    )
+
+    zo_objective: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train on a built-in objective of hf_mezo.objectives instead of the model's loss: "
+            "'negative_accuracy' or 'negative_f1' (no gradient needed; logged as the loss). None: the model's loss. "
+            "A custom objective(model, inputs) callable goes to MeZOTrainer(objective=...)."
+        },
+    )
+    zo_float32_logits: bool = field(
+        default=True,
+        metadata={
+            "help": "Upcast the logits to float32 in the perturbed passes, so that a bf16/fp16 model's loss, and "
+            "L₊ − L₋, are not rounded to the low precision's coarse grid (which zeroes many projected gradients)."
         },
     )
 

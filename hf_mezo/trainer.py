@@ -12,6 +12,11 @@ labelled items (labels ≠ -100, counted the Trainer's way), so the step optimiz
 items of the step — for every model, including those that accept `num_items_in_batch` but ignore it.
 Across processes the share is of the global count (`average_tokens_across_devices`), and the
 projected gradients are mean-reduced: every rank then applies the same update.
+
+The loss of the two passes is `compute_loss`, or an `objective(model, inputs)` given to the trainer
+(`objective=` or `MeZOConfig.zo_objective`) that needs no gradient, e.g. negative accuracy
+(`objectives`). Around the passes the logits are upcast to float32, so that bf16/fp16 models do not
+round L₊ − L₋ to their coarse grid (`precision`).
 """
 
 from __future__ import annotations
@@ -25,7 +30,9 @@ from transformers.utils import logging
 
 from .config import zo_settings
 from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
+from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
+from .precision import float32_logits
 
 logger = logging.get_logger(__name__)
 
@@ -35,13 +42,22 @@ class MeZOTrainer(Trainer):
 
     Accepts a `MeZOConfig`, or plain `TrainingArguments` (then the paper's MeZO defaults apply:
     ε = 1e-3, one Gaussian direction per step). An optimizer passed through `optimizers=` must be a
-    `ZerothOrderSGD`.
+    `ZerothOrderSGD`. `objective`: a callable `objective(model, inputs) -> scalar tensor` (or the name of a
+    built-in one) to minimize instead of the model's loss; it need not be differentiable.
     """
 
-    def __init__(self, model: nn.Module | None = None, args: TrainingArguments | None = None, *pargs, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: TrainingArguments | None = None,
+        *pargs,
+        objective: Objective | str | None = None,
+        **kwargs,
+    ):
         if args is None:
             raise ValueError("MeZOTrainer needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set.")
         self.zo = zo_settings(args)  # validates before any work
+        self.objective = resolve_objective(objective if objective is not None else self.zo["zo_objective"])
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
             raise TypeError(
@@ -169,7 +185,7 @@ class MeZOTrainer(Trainer):
                 for scale in (eps, -eps):
                     with perturbed(model, optimizer, direction, scale):
                         with self.compute_loss_context_manager():
-                            loss = self.compute_loss(model, dict(inputs), num_items_in_batch=loss_items)
+                            loss = self.compute_zo_loss(model, dict(inputs), num_items_in_batch=loss_items)
                     if self.args.n_gpu > 1:
                         loss = loss.mean()
                     # float64: L₊ − L₋ is a small difference of two close numbers
@@ -185,6 +201,19 @@ class MeZOTrainer(Trainer):
         finally:
             model.train()  # as the stock training_step leaves it
         return torch.stack(mean_losses).mean().float().to(self.args.device)
+
+    def compute_zo_loss(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The scalar one perturbed pass measures: the objective if one was given, else `compute_loss`.
+
+        Logits are upcast to float32 meanwhile (`zo_float32_logits`), so the loss of a bf16/fp16 model is
+        computed in float32 and L₊ − L₋ keeps its small difference.
+        """
+        with float32_logits(model, enabled=self.zo["zo_float32_logits"]):
+            if self.objective is not None:
+                return self.objective(model, inputs)
+            return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     # The Trainer clips and measures `.grad` before `optimizer.step()`; MeZO has none. Report the projected
     # gradient instead (averaged across processes), so `grad_norm` in the logs means |g|.
