@@ -8,11 +8,14 @@ stay bit-identical without ever exchanging parameters. The traffic of a step doe
 the model's size.
 
 No DDP. `DistributedDataParallel` exists to all-reduce gradients; MeZO has none. Wrapping anyway
-costs a buffer broadcast before every forward (2n per step), and Accelerate's CPU path wraps even
-a model with nothing to reduce, where DDP raises. The Trainer's model preparation therefore runs
-Accelerate's `prepare_model(..., evaluation_mode=True)`: device placement, autocast and
-`torch.compile` as configured, no DDP. What DDP's constructor did once — make every replica start
-from rank 0's weights — `synchronize_at_start` does, and only if the replicas differ.
+allocates gradient buckets as large as the trainable parameters (MeZO's point is inference-level
+memory), registers a hook per parameter, broadcasts the whole model at construction, and
+Accelerate's CPU path wraps even a model with nothing to reduce, where DDP raises. (Its per-forward
+buffer broadcast does not fire under `no_grad`, so the per-step traffic would be the same.) The
+Trainer's model preparation therefore runs Accelerate's `prepare_model(..., evaluation_mode=True)`:
+device placement, autocast and `torch.compile` as configured, no DDP. What DDP's constructor did
+once — make every replica start from rank 0's weights — `synchronize_at_start` does, and only if
+the replicas differ.
 
 Rank consistency. Replicas that should be bit-identical are cheap to compare: each process sums the
 bit patterns of each trainable tensor (as integers, so the sum is exact and order-independent) and

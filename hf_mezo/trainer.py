@@ -226,8 +226,8 @@ class MeZOTrainer(Trainer):
     # ---- distributed (hf_mezo.distributed) -------------------------------------------------------
 
     def _wrap_model(self, model: nn.Module, training: bool = True, dataloader=None) -> nn.Module:
-        # Data-parallel MeZO exchanges n scalars a step and needs no DDP (which would broadcast buffers
-        # on every forward): the model is prepared without it and the replicas are synchronized once.
+        # Data-parallel MeZO exchanges n scalars a step and needs no DDP (whose gradient buckets would
+        # double the trainable weights' memory): the model is prepared without it, replicas synced once.
         return wrap_model_for_mezo(self, super()._wrap_model, model, training, dataloader)
 
     def check_rank_consistency(self, where: str = "on demand") -> None:

@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--corrupt_rank", type=int, default=-1)
     parser.add_argument("--corrupt_step", type=int, default=1)
     parser.add_argument("--num_directions", type=int, default=2)
+    parser.add_argument("--zo_seed_per_rank", action="store_true", help="each rank draws from its own seed (an error)")
     options = parser.parse_args(argv)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> dict:
         weight_decay=0.01,
         zo_eps=1e-4,
         zo_num_directions=options.num_directions,
+        zo_seed=100 + rank if options.zo_seed_per_rank else None,
         logging_steps=1,
         report_to=[],
         use_cpu=True,

@@ -136,6 +136,16 @@ def test_a_corrupted_rank_is_detected_before_the_checkpoint_is_written(tmp_path)
     assert not (tmp_path / "trainer" / "checkpoint-2").exists()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_processes_with_different_seeds_refuse_to_start(tmp_path):
+    run = _launch("distributed_worker.py", "--out", str(tmp_path), "--steps", "1", "--zo_seed_per_rank")
+    assert run.returncode != 0
+    log = run.stdout + run.stderr
+    assert "RankDivergenceError" in log and "disagree on their direction seed at the start of training" in log
+    assert "rank(s) [1] vs [0]" in log
+
+
 # ---- sharded (FSDP2) -------------------------------------------------------------------------------
 
 
