@@ -1,0 +1,145 @@
+"""`VerbalizerDataCollator`: raw rows (sentence, label) → a padded cloze batch for a masked LM.
+
+The batch serves both model kinds without a conversion step:
+
+- a stock ``AutoModelForMaskedLM`` (``RobertaForMaskedLM``, ``BertForMaskedLM``, ...) gets ``labels`` in
+  MLM form: -100 everywhere except the mask position, which holds the label word's id. Its own loss
+  is then the cross-entropy of the label word over the full vocabulary at the mask;
+- a label-word head model also gets ``class_labels`` (the class index) and ``mask_positions`` (the
+  index of the mask token in each row) when ``return_class_labels=True``. They are off by default so
+  that a stock model, whose ``forward`` does not accept them, gets only what it accepts.
+
+Use it as the Trainer's ``data_collator`` with ``remove_unused_columns=False``: the Trainer would
+otherwise drop the ``sentence`` column, which no model's ``forward`` names, before the collator sees it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .template import PromptTemplate
+from .verbalizer import Verbalizer
+
+# `tokenizer.model_max_length` for tokenizers that declare no limit (transformers' VERY_LARGE_INTEGER).
+_NO_LIMIT = int(1e20)
+COLUMNS = ("sentence", "label")
+
+
+class VerbalizerDataCollator:
+    """Builds prompts, truncates only the sentence, pads, and adds MLM labels at the mask.
+
+    Args:
+        tokenizer: the model's tokenizer (its padding side and truncation side are honoured).
+        template: a `PromptTemplate` or a template string (LM-BFF or readable style).
+        verbalizer: a `Verbalizer`, or label words to build one with `tokenizer`
+            (``"{'0':'terrible','1':'great'}"``, a dict or a list).
+        max_length: longest prompt in tokens; only the sentence is cut to fit. None: the tokenizer's
+            ``model_max_length`` (no limit if it declares none).
+        pad_to_multiple_of: pad each batch to a multiple of this (8 suits tensor cores).
+        column_map: dataset column names for ``"sentence"`` and ``"label"``, e.g.
+            ``{"sentence": "text"}`` for a dataset whose sentence column is ``text``.
+        return_class_labels: also return ``class_labels`` and ``mask_positions`` (for a label-word
+            head model; a stock masked LM does not accept them).
+
+    Returns from ``__call__``: ``input_ids``, ``attention_mask``, ``token_type_ids`` (only if the
+    tokenizer's model uses them), ``labels``, and optionally ``class_labels``, ``mask_positions``;
+    all ``torch.long``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        template: PromptTemplate | str,
+        verbalizer: Verbalizer | Mapping[Any, str] | Sequence[str] | str,
+        max_length: int | None = None,
+        pad_to_multiple_of: int | None = None,
+        column_map: Mapping[str, str] | None = None,
+        return_class_labels: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
+        self.verbalizer = verbalizer if isinstance(verbalizer, Verbalizer) else Verbalizer(verbalizer, tokenizer)
+        if max_length is None and tokenizer.model_max_length < _NO_LIMIT:
+            max_length = tokenizer.model_max_length
+        if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
+        if pad_to_multiple_of is not None and (not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1):
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}.")
+        if tokenizer.pad_token_id is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token first."
+            )
+        unknown = set(column_map or {}) - set(COLUMNS)
+        if unknown:
+            raise ValueError(
+                f"column_map keys must be among {COLUMNS} (what the collator reads), got {sorted(unknown)}; "
+                "map them to your dataset's columns, e.g. {'sentence': 'text'}."
+            )
+        self.columns = {name: (column_map or {}).get(name, name) for name in COLUMNS}
+        self.max_length = max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.return_class_labels = return_class_labels
+        self.return_token_type_ids = "token_type_ids" in tokenizer.model_input_names
+        if max_length is not None:
+            # Fails now, not at the first batch, if the template alone does not fit.
+            self.template.encode(tokenizer, "", max_length)
+
+    def __repr__(self) -> str:
+        return (
+            f"VerbalizerDataCollator(template={self.template!r}, verbalizer={self.verbalizer!r}, "
+            f"max_length={self.max_length}, return_class_labels={self.return_class_labels})"
+        )
+
+    def __call__(self, examples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("VerbalizerDataCollator got an empty batch.")
+        sentence_column, label_column = self.columns["sentence"], self.columns["label"]
+        sentences, class_labels = [], []
+        for example in examples:
+            missing = [c for c in (sentence_column, label_column) if c not in example]
+            if missing:
+                raise ValueError(
+                    f"example is missing column(s) {missing} (it has {sorted(example)}). Pass "
+                    "column_map={'sentence': ..., 'label': ...} for other names, and remove_unused_columns=False "
+                    "to the Trainer so it keeps the sentence column."
+                )
+            sentence = example[sentence_column]
+            if not isinstance(sentence, str):
+                raise TypeError(f"column {sentence_column!r} must hold strings, got {type(sentence).__name__}.")
+            sentences.append(sentence)
+            class_labels.append(self.verbalizer.class_index(example[label_column]))
+
+        encodings = self.template.encode_batch(self.tokenizer, sentences, self.max_length)
+        length = max(len(e.input_ids) for e in encodings)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(encodings)
+        input_ids = torch.full((batch_size, length), self.tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch_size, length), dtype=torch.long)
+        token_type_ids = torch.zeros((batch_size, length), dtype=torch.long)
+        mask_positions = torch.empty(batch_size, dtype=torch.long)
+        left = self.tokenizer.padding_side == "left"
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.input_ids)
+            start = length - n if left else 0
+            input_ids[row, start : start + n] = torch.tensor(encoding.input_ids)
+            attention_mask[row, start : start + n] = 1
+            token_type_ids[row, start : start + n] = torch.tensor(encoding.token_type_ids)
+            mask_positions[row] = start + encoding.mask_position
+        class_labels = torch.tensor(class_labels, dtype=torch.long)
+        rows = torch.arange(batch_size)
+        labels = torch.full((batch_size, length), -100, dtype=torch.long)
+        labels[rows, mask_positions] = torch.tensor(self.verbalizer.token_ids)[class_labels]
+
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.return_token_type_ids:
+            batch["token_type_ids"] = token_type_ids
+        batch["labels"] = labels
+        if self.return_class_labels:
+            batch["class_labels"] = class_labels
+            batch["mask_positions"] = mask_positions
+        return batch
