@@ -147,3 +147,40 @@ def test_trainer_evaluate_with_stock_mlm_equals_per_sentence_hand_accuracy(tmp_p
 
 def test_metric_module_is_packaged():
     assert SST2_METRIC_PATH.is_relative_to(REPO / "hf_mezo") and (SST2_METRIC_PATH / "sst2.py").is_file()
+
+
+def test_label_word_head_and_stock_mlm_give_the_same_eval_through_the_trainer(tmp_path):
+    """Either model kind through the same collator and compute_metrics: class logits vs full-vocab logits."""
+    from hf_mezo.models import RobertaForPromptMaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(SHARED / "tokenizers" / "roberta-base")
+    torch.manual_seed(0)
+    stock = RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).eval()
+    stock.save_pretrained(tmp_path / "model")
+    head = RobertaForPromptMaskedLM.from_pretrained(tmp_path / "model", label_word_ids=[TERRIBLE, GREAT]).eval()
+    rows = load_sst2(k=16, seed=42)["test"].select(range(23))
+    results = {}
+    for name, model, return_class_labels in (("stock", stock, False), ("head", head, True)):
+        compute_metrics, preprocess = build_compute_metrics([TERRIBLE, GREAT])
+        trainer = Trainer(
+            model=model,
+            args=TrainingArguments(
+                output_dir=str(tmp_path / name),
+                per_device_eval_batch_size=5,
+                remove_unused_columns=False,
+                report_to="none",
+            ),
+            data_collator=VerbalizerDataCollator(
+                tokenizer,
+                "*cls**sent_0*_It_was*mask*.*sep+*",
+                "{'0':'terrible','1':'great'}",
+                max_length=128,
+                return_class_labels=return_class_labels,
+            ),
+            compute_metrics=compute_metrics,
+            preprocess_logits_for_metrics=preprocess,
+        )
+        output = trainer.predict(rows)
+        results[name] = (output.predictions.argmax(-1).tolist(), output.metrics["test_accuracy"])
+    assert results["head"] == results["stock"]
+    assert 0 < sum(results["stock"][0]) < len(rows)
