@@ -2,6 +2,8 @@
 
 from .adapters import MEZO_PAPER_SETTINGS, init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from .config import MeZOConfig
+from .data import load_sst2
+from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
     BertForPromptMaskedLM,
     RobertaForPromptMaskedLM,
@@ -12,9 +14,18 @@ from .objectives import generation_objective, negative_accuracy, negative_f1, to
 from .optimizer import ZerothOrderSGD
 from .perturbation import perturbed_forward
 from .precision import float32_logits
+from .prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
 from .trainer import MeZOTrainer
 
 __all__ = ["MeZOConfig", "MeZOTrainer", "ZerothOrderSGD", "perturbed_forward"]
+__all__ += [
+    "PromptTemplate",
+    "Verbalizer",
+    "VerbalizerDataCollator",
+    "build_compute_metrics",
+    "load_sst2",
+    "load_sst2_metric",
+]
 __all__ += [
     "BertForPromptMaskedLM",
     "RobertaForPromptMaskedLM",

@@ -1,0 +1,259 @@
+"""Prompt-based fine-tuning of a masked LM on SST-2, with MeZO (`--trainer mezo`) or backpropagation (`--trainer ft`).
+
+SST-2 becomes a cloze task: "<sentence> It was <mask>." and the model's logits for the label words
+(' terrible' / ' great') at the mask are the class scores. The same data, collator and metric serve
+`MeZOTrainer` and the stock `transformers.Trainer`, so `--trainer` is the only switch between them.
+The test split is evaluated at the end; the metrics are printed and saved as JSON in `output_dir`
+(`test_results.json`, plus `train_results.json` with `--do_train`).
+
+The MeZO paper's setting (RoBERTa-large, k = 512 per class, data seed 42): batch 64, lr 1e-6,
+ε = 1e-3, 100k steps, constant schedule, evaluation every 10k steps (keeping the best on dev).
+The global batch is per_device_train_batch_size × processes × gradient_accumulation_steps; divide
+64 by the number of processes in `accelerate_configs/multi_gpu.yaml`:
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_sst2.py \\
+        --model_name_or_path roberta-large --trainer mezo \\
+        --k 512 --data_seed 42 \\
+        --template '*cls**sent_0*_It_was*mask*.*sep+*' --label_words "{'0':'terrible','1':'great'}" \\
+        --do_train --per_device_train_batch_size 64 --learning_rate 1e-6 --zo_eps 1e-3 \\
+        --max_steps 100000 --lr_scheduler_type constant --weight_decay 0 \\
+        --eval_strategy steps --eval_steps 10000 --save_strategy steps --save_steps 10000 \\
+        --save_total_limit 1 --load_best_model_at_end --metric_for_best_model accuracy \\
+        --per_device_eval_batch_size 64 --output_dir results/sst2-mezo-512-42 --report_to none
+
+The same with `python examples/run_sst2.py ...` runs on one process; several CPU processes (torchrun,
+accelerate) need `--use_cpu --ddp_backend gloo`. For the fine-tuning baseline use
+`--trainer ft` with the paper's FT setting (batch 8, lr 1e-5, 1000 steps with AdamW; `--zo_*` are
+ignored). Offline, point `--model_name_or_path` at a local model directory; a checkpoint without an
+MLM head (e.g. a sentence-transformer's BERT) gets a freshly initialized head, with a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from transformers import AutoModelForMaskedLM, AutoTokenizer, HfArgumentParser, PreTrainedModel, Trainer, set_seed
+from transformers.training_args import ParallelMode
+
+from hf_mezo import MeZOConfig, MeZOTrainer
+from hf_mezo.data import load_sst2
+from hf_mezo.metrics import build_compute_metrics
+from hf_mezo.prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
+
+logger = transformers.utils.logging.get_logger("run_sst2")
+
+TRAINERS = ("mezo", "ft")
+# The k-shot split used when --data_seed is unset: the MeZO paper's headline split.
+DEFAULT_DATA_SEED = 42
+
+
+@dataclass
+class ModelArguments:
+    """Which model, and which trainer tunes it."""
+
+    model_name_or_path: str = field(
+        default="roberta-large",
+        metadata={"help": "Hub name or local directory of the masked LM (the MeZO paper uses roberta-large)."},
+    )
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer hub name or directory, if not the model's own."}
+    )
+    trainer: str = field(
+        default="mezo",
+        metadata={
+            "help": "'mezo': MeZOTrainer (two forward passes a step, no backward). 'ft': the stock "
+            "transformers.Trainer with AdamW on the same data and metric, the drop-in comparison.",
+            "choices": list(TRAINERS),
+        },
+    )
+    # Hooks for later flags (--lora, --prefix): add the fields here, and wire them in `prepare_model`.
+
+    def __post_init__(self):
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"--trainer must be one of {TRAINERS}, got {self.trainer!r}.")
+
+
+@dataclass
+class DataArguments:
+    """Which SST-2 split, and how it becomes a cloze prompt."""
+
+    template: str = field(
+        default="*cls**sent_0*_It_was*mask*.*sep+*",
+        metadata={
+            "help": "Prompt template: LM-BFF/MeZO syntax ('*cls**sent_0*_It_was*mask*.*sep+*', the paper's SST-2 "
+            "template; '_' is a space) or readable ('{sentence} It was {mask}.')."
+        },
+    )
+    label_words: str = field(
+        default="{'0':'terrible','1':'great'}",
+        metadata={"help": "Label → label word, LM-BFF style; each word must be one token (with its leading space)."},
+    )
+    k: int = field(
+        default=512,
+        metadata={
+            "help": "Examples per class of the few-shot split {k}-{data_seed} (MeZO: 16 or 512; --data_seed, "
+            f"TrainingArguments' sampler seed, also picks the split: 13, 21, 42, 87 or 100, default {DEFAULT_DATA_SEED}). "
+            "0: the full SST-2 from a GLUE directory --data_dir (or the hub when online and --data_dir is unset)."
+        },
+    )
+    data_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Directory of the split: a MeZO/LM-BFF k-shot tree (holding SST-2/{k}-{seed}/ or {k}-{seed}/) "
+            "or, with --k 0, a GLUE SST-2 directory. Unset: the 16-42 and 512-42 splits shipped with hf_mezo."
+        },
+    )
+    max_seq_length: int = field(
+        default=128,
+        metadata={"help": "Longest prompt in tokens (LM-BFF's default); only the sentence is truncated to fit."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    max_test_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, MeZOConfig]:
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, MeZOConfig),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+def load_model(model_args: ModelArguments) -> PreTrainedModel:
+    """The masked LM; a checkpoint without an MLM head (a bare encoder) gets a new, untrained head."""
+    model, loading_info = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
+    new_weights = sorted(loading_info.get("missing_keys", []))
+    if new_weights:
+        logger.warning(
+            f"{model_args.model_name_or_path} has no weights for {len(new_weights)} tensor(s) of "
+            f"{type(model).__name__} (e.g. {new_weights[:3]}): they are freshly initialized. If that is the MLM "
+            "head, zero-shot prompting starts near chance and the head is learned by training."
+        )
+    return model
+
+
+def prepare_model(model: PreTrainedModel, model_args: ModelArguments, training_args: MeZOConfig) -> PreTrainedModel:
+    """Hook for parameter-efficient variants (peft LoRA / prefix tuning): wrap the model here. No-op for now."""
+    return model
+
+
+def select_trainable_parameters(model: PreTrainedModel, training_args: MeZOConfig) -> PreTrainedModel:
+    """Hook for `--zo_train_top_layers` (freeze all but the top layers and the head). No-op for now."""
+    return model
+
+
+def is_label_word_model(model: torch.nn.Module) -> bool:
+    """Whether the model takes the label-word head's inputs (`mask_positions`, and `class_labels` as a keyword).
+
+    A stock masked LM's forward does not name `mask_positions`; it must not be sent those extra inputs.
+    """
+    return "mask_positions" in inspect.signature(model.forward).parameters
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+def load_splits(data_args: DataArguments, data_seed: int | None):
+    """train / validation / test, cut to --max_*_samples; test falls back to validation if unlabeled.
+
+    `data_seed` (TrainingArguments' `--data_seed`, which also seeds the data sampler) picks the k-shot
+    split, as MeZO's scripts use one seed for both; unset, the split is {k}-42.
+    """
+    seed = DEFAULT_DATA_SEED if data_seed is None else data_seed
+    splits = load_sst2(k=data_args.k or None, seed=seed, data_dir=data_args.data_dir)
+    if "test" not in splits or -1 in splits["test"].unique("label"):
+        logger.warning("the test split is missing or unlabeled (GLUE); evaluating on the validation split instead.")
+        splits["test"] = splits["validation"]
+    for split, limit in (
+        ("train", data_args.max_train_samples),
+        ("validation", data_args.max_eval_samples),
+        ("test", data_args.max_test_samples),
+    ):
+        if limit is not None:
+            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+    return splits
+
+
+# ---- run ----------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity(training_args.get_process_log_level())
+    logger.setLevel(logging.INFO if training_args.should_log else logging.WARNING)  # info from the main process only
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and training_args.parallel_mode == ParallelMode.NOT_PARALLEL:
+        # Seen with torchrun on CPU: every process would train and evaluate alone, and each would save its own
+        # partial metrics. Accelerate only sets up CPU processes as a group when told to use the CPU.
+        raise ValueError(
+            f"{os.environ['WORLD_SIZE']} processes were launched but Accelerate set up no process group; on a "
+            "machine without GPUs pass --use_cpu (and --ddp_backend gloo)."
+        )
+    if training_args.remove_unused_columns:
+        # The collator builds prompts from the raw `sentence` column, which no model's forward names.
+        training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    template = PromptTemplate(data_args.template)
+    verbalizer = Verbalizer(data_args.label_words, tokenizer)
+    model = load_model(model_args)
+    model = prepare_model(model, model_args, training_args)
+    model = select_trainable_parameters(model, training_args)
+
+    with training_args.main_process_first(desc="loading SST-2"):  # one process fills the datasets cache
+        splits = load_splits(data_args, training_args.data_seed)
+    collator = VerbalizerDataCollator(
+        tokenizer,
+        template,
+        verbalizer,
+        max_length=data_args.max_seq_length,
+        pad_to_multiple_of=8 if training_args.bf16 else None,
+        return_class_labels=is_label_word_model(model),
+    )
+    example = template.encode(tokenizer, splits["train"][0]["sentence"], data_args.max_seq_length)
+    logger.info(f"prompt: {tokenizer.decode(example.input_ids)!r}; verbalizer: {verbalizer}")
+
+    compute_metrics, preprocess_logits_for_metrics = build_compute_metrics(verbalizer)
+    trainer_cls = MeZOTrainer if model_args.trainer == "mezo" else Trainer
+    trainer = trainer_cls(
+        model=model,
+        args=training_args,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+    )
+
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model()
+        trainer.log_metrics("train", train_result.metrics)
+        trainer.save_metrics("train", train_result.metrics)
+        trainer.save_state()
+
+    metrics = trainer.evaluate(eval_dataset=splits["test"], metric_key_prefix="test")
+    metrics["test_samples"] = len(splits["test"])
+    trainer.log_metrics("test", metrics)
+    trainer.save_metrics("test", metrics)  # output_dir/test_results.json (and all_results.json)
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""examples/run_sst2.py end to end on a tiny RoBERTa with the real tokenizer: the saved test accuracy must be
+the accuracy of the saved model, recomputed here one sentence at a time without the package's prompting code."""
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, RobertaModel
+
+from hf_mezo.data import load_sst2
+
+from .conftest import REPO, SHARED, tiny_roberta_config
+
+SCRIPT = REPO / "examples" / "run_sst2.py"
+GREAT, TERRIBLE = 372, 6587
+TEST_ROWS = 24
+
+
+def _import_script():
+    if "run_sst2" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("run_sst2", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["run_sst2"] = module  # dataclasses resolve the script's annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules["run_sst2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A random tiny RobertaForMaskedLM (full roberta-base vocabulary, hidden 16) with the real tokenizer beside it."""
+    path = tmp_path_factory.mktemp("tiny-roberta-mlm")
+    torch.manual_seed(0)
+    RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).save_pretrained(path)
+    for name in os.listdir(SHARED / "tokenizers" / "roberta-base"):
+        if name.endswith((".json", ".txt")):
+            shutil.copy(SHARED / "tokenizers" / "roberta-base" / name, path / name)
+    return path
+
+
+def _args(model_dir, output_dir, trainer):
+    return [
+        f"--model_name_or_path={model_dir}",
+        f"--trainer={trainer}",
+        "--k=16",
+        "--data_seed=42",
+        "--template=*cls**sent_0*_It_was*mask*.*sep+*",
+        "--label_words={'0':'terrible','1':'great'}",
+        "--do_train",
+        "--max_steps=3",
+        "--per_device_train_batch_size=8",
+        "--learning_rate=1e-3",
+        "--lr_scheduler_type=constant",
+        "--logging_steps=1",
+        "--save_strategy=no",
+        f"--max_test_samples={TEST_ROWS}",
+        "--per_device_eval_batch_size=8",
+        "--report_to=none",
+        "--seed=0",
+        f"--output_dir={output_dir}",
+    ]
+
+
+def _hand_accuracy(model_dir, rows=TEST_ROWS):
+    """Accuracy of the saved model on the first test rows: whole-prompt tokenization, one sentence at a time."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
+    rows = load_sst2(k=16, seed=42)["test"].select(range(rows))
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenizer(row["sentence"].strip() + " It was<mask>.", return_tensors="pt")
+            position = encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+            logits = model(**encoded).logits[0, position]
+            correct += int(int(logits[GREAT] > logits[TERRIBLE]) == row["label"])
+    return correct / len(rows)
+
+
+def _check_run(model_dir, output_dir):
+    metrics = json.loads((output_dir / "test_results.json").read_text())
+    assert metrics["test_samples"] == TEST_ROWS
+    assert metrics["test_accuracy"] == pytest.approx(_hand_accuracy(output_dir), abs=1e-12)
+    assert 0.0 <= metrics["test_f1"] <= 1.0 and metrics["test_loss"] > 0
+    losses = [
+        entry["loss"]
+        for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
+    assert len(losses) == 3
+    trained = AutoModelForMaskedLM.from_pretrained(output_dir).state_dict()
+    initial = AutoModelForMaskedLM.from_pretrained(model_dir).state_dict()
+    assert any(not torch.equal(trained[name], initial[name]) for name in initial), (
+        "training left the weights unchanged"
+    )
+    return metrics
+
+
+def test_mezo_run_under_python(tiny_model_dir, tmp_path):
+    output_dir = tmp_path / "mezo"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *_args(tiny_model_dir, output_dir, "mezo")],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = _check_run(tiny_model_dir, output_dir)
+    assert "test_accuracy" in result.stdout  # printed as well as saved
+    assert f"{metrics['test_accuracy']:.4f}".rstrip("0").rstrip(".") in result.stdout
+
+
+def test_ft_run_with_stock_trainer(tiny_model_dir, tmp_path):
+    output_dir = tmp_path / "ft"
+    metrics = _import_script().main(_args(tiny_model_dir, output_dir, "ft"))
+    assert metrics == pytest.approx(json.loads((output_dir / "test_results.json").read_text()))
+    _check_run(tiny_model_dir, output_dir)
+
+
+@pytest.mark.distributed
+def test_two_process_evaluation_gathers_every_test_row_once(tiny_model_dir, tmp_path):
+    """21 rows over 2 processes × batches of 8: gather_for_metrics must drop the padding duplicates."""
+    output_dir = tmp_path / "ddp"
+    args = [a for a in _args(tiny_model_dir, output_dir, "ft") if a != "--do_train"]
+    args = [a.replace(f"={TEST_ROWS}", "=21") for a in args] + ["--use_cpu", "--ddp_backend=gloo"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    result = subprocess.run(
+        [*torchrun, str(SCRIPT), *args], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((output_dir / "test_results.json").read_text())
+    assert metrics["test_samples"] == 21
+    assert metrics["test_accuracy"] == pytest.approx(_hand_accuracy(tiny_model_dir, rows=21), abs=1e-12)
+
+
+def test_help_documents_the_paper_hyper_parameters(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        _import_script().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert "accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_sst2.py" in text
+    for setting in ("--per_device_train_batch_size 64", "--learning_rate 1e-6", "--zo_eps 1e-3", "--max_steps 100000"):
+        assert setting in text
+    assert "--lr_scheduler_type constant" in text and "--eval_steps 10000" in text
+    assert "--trainer {mezo,ft}" in text
+
+
+def test_checkpoint_without_mlm_head_gets_a_new_head_with_a_warning(tmp_path, caplog):
+    torch.manual_seed(0)
+    RobertaModel(tiny_roberta_config(vocab_size=50265), add_pooling_layer=False).save_pretrained(tmp_path)
+    script = _import_script()
+    with caplog.at_level(logging.WARNING, logger="run_sst2"):
+        model = script.load_model(script.ModelArguments(model_name_or_path=str(tmp_path)))
+    assert isinstance(model, RobertaForMaskedLM)
+    assert any("freshly initialized" in r.getMessage() and "lm_head" in r.getMessage() for r in caplog.records)
+    assert not script.is_label_word_model(model)  # a stock MLM: the collator must not send class_labels
+
+
+def test_public_api_is_exported():
+    import hf_mezo
+    from hf_mezo import data, metrics, prompting
+
+    assert hf_mezo.PromptTemplate is prompting.PromptTemplate and hf_mezo.Verbalizer is prompting.Verbalizer
+    assert hf_mezo.VerbalizerDataCollator is prompting.VerbalizerDataCollator
+    assert hf_mezo.load_sst2 is data.load_sst2 and hf_mezo.build_compute_metrics is metrics.build_compute_metrics
+    assert {"PromptTemplate", "Verbalizer", "VerbalizerDataCollator", "load_sst2", "build_compute_metrics"} <= set(
+        hf_mezo.__all__
+    )
