@@ -110,8 +110,10 @@ class MeZOConfig(TrainingArguments):
     zo_train_top_layers: int | None = field(
         default=None,
         metadata={
-            "help": "Train only the top K encoder layers and the LM head (None: all parameters). Fewer perturbed "
-            "parameters, and the frozen bottom layers can be cached by the prompt-MLM models; costs some accuracy."
+            "help": "Train only the top K encoder layers and the LM head's dense/LayerNorm/bias (None: all "
+            "parameters). The tied word-embedding/decoder matrix stays frozen (training it would change the input "
+            "embeddings). Fewer perturbed parameters and a faster step: the prompt-MLM models (hf_mezo.models) cache "
+            "the frozen bottom layers' output per example. Costs some accuracy against full tuning."
         },
     )
 

@@ -9,6 +9,8 @@ alive, which is the forward's memory peak. So for weights of at least `STREAM_MI
   block perturbed just before its matmul; the extra memory is one block.
 - `nn.Embedding`: the unperturbed rows are looked up, then each looked-up row gets εz added, drawing
   z only for the blocks of rows the batch uses (rows no token touches draw nothing).
+- the label-word decoder (`models.LabelWordDecoder`, restricted to a few rows): only those rows are
+  perturbed, so the vocabulary matrix costs a few rows of z instead of all of them.
 
 Both give bit-for-bit the values of the whole-weight swap (`ZerothOrderSGD.perturbed_slice` does the
 same elementwise arithmetic on a slice), so the choice is invisible to the result.
@@ -36,7 +38,7 @@ def streams(module: nn.Module, param: nn.Parameter) -> bool:
     """Whether `param` is `module`'s weight and large enough, in a module type we can stream exactly."""
     if param.numel() < STREAM_MIN_NUMEL or getattr(module, "weight", None) is not param or param.dim() != 2:
         return False
-    if type(module) is nn.Linear:
+    if type(module) is nn.Linear or hasattr(module, "active_rows"):  # the label-word head's decoder
         return True
     return type(module) is nn.Embedding and module.max_norm is None
 
@@ -65,6 +67,10 @@ def streamed_forward(
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         on_use()
+        active_rows = getattr(module, "active_rows", None)
+        if active_rows is not None:  # a label-word decoder reads a few rows: perturb just those
+            rows_weight = torch.stack([perturbed_rows(r, r + 1)[0] for r in active_rows.tolist()])
+            return F.linear(x, rows_weight, None if module.bias is None else module.bias[active_rows])
         out = None
         for r0 in range(0, rows, step_rows):
             r1 = min(rows, r0 + step_rows)
@@ -87,4 +93,4 @@ def streamed_forward(
             flat_out[where] = add_scaled(flat_out[where], z[local], scale)
         return out
 
-    return linear if type(module) is nn.Linear else embedding
+    return embedding if type(module) is nn.Embedding else linear

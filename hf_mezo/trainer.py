@@ -31,6 +31,7 @@ from transformers.utils import logging
 from .config import zo_settings
 from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
 from .objectives import Objective, resolve_objective
+from .models import freeze_all_but_top_layers
 from .optimizer import ZerothOrderSGD
 from .precision import float32_logits
 
@@ -70,6 +71,8 @@ class MeZOTrainer(Trainer):
                 raise TypeError(
                     f"MeZOTrainer got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
                 )
+        if model is not None and self.zo["zo_train_top_layers"] is not None:
+            freeze_all_but_top_layers(model, self.zo["zo_train_top_layers"])
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 "MeZOTrainer got a model with no trainable parameters (requires_grad=False everywhere). "

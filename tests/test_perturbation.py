@@ -82,3 +82,27 @@ def test_a_failing_forward_still_restores_the_parameters():
             model(**inputs)
     for n, p in model.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+def test_label_word_decoder_perturbs_only_its_rows_identically(monkeypatch):
+    from hf_mezo.models import RobertaForPromptMaskedLM
+
+    torch.manual_seed(0)
+    model = RobertaForPromptMaskedLM(tiny_roberta_config(vocab_size=300)).eval()
+    model.set_label_word_ids([17, 42], mask_token_id=4)
+    inputs = _inputs()
+    inputs["input_ids"][:, 4] = 4
+    inputs["labels"][:, 4] = torch.tensor([17, 42, 42, 17])
+    optimizer = ZerothOrderSGD(model.named_parameters())
+    monkeypatch.setattr(streamed, "STREAM_MIN_NUMEL", 10**12)
+    swapped = _losses(model, optimizer, inputs)
+    monkeypatch.setattr(streamed, "STREAM_MIN_NUMEL", 1000)
+    drawn = []
+    original = optimizer.direction
+    monkeypatch.setattr(optimizer, "direction", lambda p, d, **kw: drawn.append(kw) or original(p, d, **kw))
+    rows = _losses(model, optimizer, inputs)
+    assert swapped[0].shape == (4, 2)
+    for a, b in zip(swapped, rows):
+        assert torch.equal(a, b)
+    row_draws = [kw for kw in drawn if kw.get("end") is not None and kw["end"] - kw["start"] == 16]
+    assert len(row_draws) == 4  # two label rows, in each of the two passes

@@ -318,3 +318,15 @@ def test_stock_trainer_is_untouched_by_import(tmp_path):
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[]))
     trainer.create_optimizer()
     assert not isinstance(trainer.optimizer, ZerothOrderSGD)
+
+
+def test_train_top_layers_freezes_the_rest(tmp_path):
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(tiny_roberta_config())
+    before = _snapshot(model)
+    trainer = MeZOTrainer(model=model, args=_args(tmp_path, zo_train_top_layers=1, max_steps=2), train_dataset=_mlm_data(8))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(("roberta.encoder.layer.1.", "lm_head.")) for n in changed)
+    assert "lm_head.decoder.weight" not in changed and "roberta.embeddings.word_embeddings.weight" not in changed
+    assert any(n.startswith("roberta.encoder.layer.1.") for n in changed) and "lm_head.dense.weight" in changed
