@@ -38,7 +38,7 @@ def test_shipped_kshot_splits_match_their_files(k, rows):
 
 def test_shipped_files_match_provenance_checksums():
     listed = dict(
-        reversed(line.split("  ")) for line in (SST2_DATA_DIR / "SHA256SUMS").read_text().splitlines() if line
+        reversed(line.split("  ")) for line in (SST2_DATA_DIR / "SHA256SUMS.txt").read_text().splitlines() if line
     )
     assert len(listed) == 6 and (SST2_DATA_DIR / "PROVENANCE.md").is_file()
     for relative, digest in listed.items():
