@@ -21,6 +21,11 @@ The global batch is per_device_train_batch_size × processes × gradient_accumul
         --save_total_limit 1 --load_best_model_at_end --metric_for_best_model accuracy \\
         --per_device_eval_batch_size 64 --output_dir results/sst2-mezo-512-42 --report_to none
 
+MeZO with a peft adapter: `--lora` (r = 8, α = 16 on query/value; the paper's lr 1e-4, ε = 1e-3) or
+`--prefix` (5 virtual tokens initialized from real tokens' keys/values; lr 1e-2, ε = 1e-1), e.g.
+`--lora --learning_rate 1e-4 --zo_eps 1e-3`. Only the adapter is trained and saved (peft's
+`adapter_model.safetensors`); load it with `PeftModel.from_pretrained(base_model, output_dir)`.
+
 The same with `python examples/run_sst2.py ...` runs on one process; several CPU processes (torchrun,
 accelerate) need `--use_cpu --ddp_backend gloo`. For the fine-tuning baseline use
 `--trainer ft` with the paper's FT setting (batch 8, lr 1e-5, 1000 steps with AdamW; `--zo_*` are
@@ -42,7 +47,10 @@ import transformers
 from transformers import AutoModelForMaskedLM, AutoTokenizer, HfArgumentParser, PreTrainedModel, Trainer, set_seed
 from transformers.training_args import ParallelMode
 
+from peft import get_peft_model
+
 from hf_mezo import MeZOConfig, MeZOTrainer
+from hf_mezo.adapters import init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from hf_mezo.data import load_sst2
 from hf_mezo.metrics import build_compute_metrics
 from hf_mezo.prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
@@ -73,11 +81,27 @@ class ModelArguments:
             "choices": list(TRAINERS),
         },
     )
-    # Hooks for later flags (--lora, --prefix): add the fields here, and wire them in `prepare_model`.
+    lora: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a peft LoRA adapter (r=8, alpha=16 on the attention query/value) instead of all weights. "
+            "The MeZO paper's MeZO+LoRA: --learning_rate 1e-4 (5e-5 for some tasks) --zo_eps 1e-3."
+        },
+    )
+    prefix: bool = field(
+        default=False,
+        metadata={
+            "help": "Train a peft prefix (--num_virtual_tokens keys/values per layer, initialized from real tokens' "
+            "activations) instead of all weights. The MeZO paper's MeZO+prefix: --learning_rate 1e-2 --zo_eps 1e-1."
+        },
+    )
+    num_virtual_tokens: int = field(default=5, metadata={"help": "Prefix length for --prefix (the paper: 5)."})
 
     def __post_init__(self):
         if self.trainer not in TRAINERS:
             raise ValueError(f"--trainer must be one of {TRAINERS}, got {self.trainer!r}.")
+        if self.lora and self.prefix:
+            raise ValueError("--lora and --prefix are alternatives: pass one of them (or neither, to tune all weights).")
 
 
 @dataclass
@@ -147,7 +171,19 @@ def load_model(model_args: ModelArguments) -> PreTrainedModel:
 
 
 def prepare_model(model: PreTrainedModel, model_args: ModelArguments, training_args: MeZOConfig) -> PreTrainedModel:
-    """Hook for parameter-efficient variants (peft LoRA / prefix tuning): wrap the model here. No-op for now."""
+    """`--lora` / `--prefix`: wrap the model in a peft adapter; peft freezes the rest, so only the adapter trains."""
+    if model_args.lora:
+        model = get_peft_model(model, lora_config_for_mezo())
+    elif model_args.prefix:
+        model = get_peft_model(model, prefix_config_for_mezo(num_virtual_tokens=model_args.num_virtual_tokens))
+        try:
+            init_prefix_from_tokens(model, seed=training_args.seed)
+        except ValueError as error:  # not a BERT-family attention: keep peft's random prefix
+            logger.warning(f"prefix keeps peft's initialization: {error}")
+    else:
+        return model
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info(f"{type(model.peft_config['default']).__name__}: training {trainable:,} of {total:,} parameters")
     return model
 
 

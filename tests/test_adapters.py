@@ -1,14 +1,20 @@
 """MeZO with peft adapters: only adapter tensors move, g matches autograd, adapters save and load the peft way."""
 
+import importlib.util
+import json
+import os
+import shutil
+import sys
 import warnings
 
 import pytest
 import torch
 from datasets import Dataset
 from peft import PeftModel, PromptTuningConfig, get_peft_model
-from transformers import RobertaForMaskedLM, Trainer
+from safetensors.torch import load_file
+from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, Trainer
 
-from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, perturbed_forward
+from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, load_sst2, perturbed_forward
 from hf_mezo.adapters import (
     MEZO_PAPER_SETTINGS,
     init_prefix_from_tokens,
@@ -16,7 +22,7 @@ from hf_mezo.adapters import (
     prefix_config_for_mezo,
 )
 
-from .conftest import tiny_roberta_config
+from .conftest import REPO, SHARED, tiny_roberta_config
 
 
 def _masked_lm(dtype=torch.float32, seed=0):
@@ -181,3 +187,97 @@ def test_config_helpers_validate_and_carry_the_paper_defaults():
         prefix_config_for_mezo(task_type=None)
     with pytest.raises(ValueError, match="rank"):
         lora_config_for_mezo(r=0)
+
+
+# ---- examples/run_sst2.py --lora / --prefix ------------------------------------------------------
+
+SCRIPT = REPO / "examples" / "run_sst2.py"
+TEST_ROWS = 16
+
+
+def _run_sst2():
+    if "run_sst2" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("run_sst2", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["run_sst2"] = module  # dataclasses resolve the script's annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules["run_sst2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm_dir(tmp_path_factory):
+    """A random tiny RobertaForMaskedLM with the full roberta-base vocabulary and the real tokenizer beside it."""
+    path = tmp_path_factory.mktemp("tiny-roberta-mlm")
+    torch.manual_seed(0)
+    RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).save_pretrained(path)
+    for name in os.listdir(SHARED / "tokenizers" / "roberta-base"):
+        if name.endswith((".json", ".txt")):
+            shutil.copy(SHARED / "tokenizers" / "roberta-base" / name, path / name)
+    return path
+
+
+def _accuracy_of_saved_adapter(model_dir, adapter_dir):
+    """Test accuracy of base + saved adapter, loaded the peft way, one sentence at a time (label words by hand)."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(model_dir), str(adapter_dir)).eval()
+    great, terrible = (tokenizer.convert_tokens_to_ids(w) for w in ("Ġgreat", "Ġterrible"))
+    rows = load_sst2(k=16, seed=42)["test"].select(range(TEST_ROWS))
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenizer(row["sentence"].strip() + " It was<mask>.", return_tensors="pt")
+            position = encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+            logits = model(**encoded).logits[0, position]
+            correct += int(int(logits[great] > logits[terrible]) == row["label"])
+    return correct / len(rows)
+
+
+@pytest.mark.parametrize("flag", ["--lora", "--prefix"])
+def test_run_sst2_trains_an_adapter_end_to_end(tiny_mlm_dir, tmp_path, flag):
+    output_dir = tmp_path / flag.strip("-")
+    settings = MEZO_PAPER_SETTINGS[flag.strip("-")]
+    metrics = _run_sst2().main(
+        [
+            f"--model_name_or_path={tiny_mlm_dir}",
+            flag,
+            "--k=16",
+            "--do_train",
+            "--max_steps=3",
+            "--per_device_train_batch_size=8",
+            f"--learning_rate={settings['learning_rate']}",
+            f"--zo_eps={settings['zo_eps']}",
+            "--lr_scheduler_type=constant",
+            "--logging_steps=1",
+            "--save_strategy=no",
+            f"--max_test_samples={TEST_ROWS}",
+            "--per_device_eval_batch_size=8",
+            "--report_to=none",
+            "--seed=0",
+            f"--output_dir={output_dir}",
+        ]
+    )
+    files = _adapter_files(output_dir)
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    assert json.loads((output_dir / "adapter_config.json").read_text())["peft_type"] == (
+        "LORA" if flag == "--lora" else "PREFIX_TUNING"
+    )
+    saved = json.loads((output_dir / "test_results.json").read_text())
+    assert saved["test_samples"] == TEST_ROWS and metrics["test_accuracy"] == saved["test_accuracy"]
+    assert saved["test_accuracy"] == pytest.approx(_accuracy_of_saved_adapter(tiny_mlm_dir, output_dir), abs=1e-12)
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert sum("loss" in entry for entry in history) == 3
+    # Trained: the saved adapter is not its initialization (LoRA's B starts at 0; the prefix at real activations).
+    trained = load_file(output_dir / "adapter_model.safetensors")
+    if flag == "--lora":
+        assert any(name.endswith("lora_B.weight") and bool(t.ne(0).any()) for name, t in trained.items())
+    else:
+        initial = get_peft_model(AutoModelForMaskedLM.from_pretrained(tiny_mlm_dir), prefix_config_for_mezo())
+        init_prefix_from_tokens(initial, seed=0)
+        (saved_prefix,) = trained.values()
+        assert saved_prefix.shape == initial.prompt_encoder["default"].embedding.weight.shape
+        assert not torch.equal(saved_prefix, initial.prompt_encoder["default"].embedding.weight.detach())
+
+
+def test_run_sst2_rejects_lora_and_prefix_together():
+    with pytest.raises(ValueError, match="alternatives"):
+        _run_sst2().ModelArguments(lora=True, prefix=True)
