@@ -101,7 +101,9 @@ class ModelArguments:
         if self.trainer not in TRAINERS:
             raise ValueError(f"--trainer must be one of {TRAINERS}, got {self.trainer!r}.")
         if self.lora and self.prefix:
-            raise ValueError("--lora and --prefix are alternatives: pass one of them (or neither, to tune all weights).")
+            raise ValueError(
+                "--lora and --prefix are alternatives: pass one of them (or neither, to tune all weights)."
+            )
 
 
 @dataclass

@@ -118,7 +118,9 @@ def init_prefix_from_tokens(
         token_ids = torch.randint(0, base.config.vocab_size, (n,), generator=generator)
     token_ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1)
     if token_ids.numel() != n:
-        raise ValueError(f"init_prefix_from_tokens needs one token id per virtual token ({n}), got {token_ids.numel()}.")
+        raise ValueError(
+            f"init_prefix_from_tokens needs one token id per virtual token ({n}), got {token_ids.numel()}."
+        )
     pairs = _key_value_projections(base)
     if len(pairs) != config.num_layers:
         raise ValueError(

@@ -124,7 +124,9 @@ def token_f1(predicted: Sequence[int], reference: Sequence[int], *, ignore: Sequ
     return 2 * precision * recall / (precision + recall)
 
 
-def generation_objective(score: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor], **generate_kwargs) -> Objective:
+def generation_objective(
+    score: Callable[[torch.Tensor, dict[str, Any]], torch.Tensor], **generate_kwargs
+) -> Objective:
     """An objective from generated text: −mean of `score(new_tokens, inputs)` over the batch.
 
     `model.generate` gets the batch's `input_ids` and `attention_mask` (all other keys are for `score`)

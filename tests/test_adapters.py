@@ -37,7 +37,9 @@ def _mlm_dataset(n=8, length=8, seed=0):
     ids[:, 0], ids[:, -1] = 0, 2
     labels = torch.full_like(ids, -100)
     labels[:, 2:4] = ids[:, 2:4]
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()})
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": [[1] * length] * n, "labels": labels.tolist()}
+    )
 
 
 def _args(tmp_path, **overrides):

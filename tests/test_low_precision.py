@@ -174,7 +174,9 @@ def test_float32_logits_stop_the_low_precision_loss_from_zeroing_projected_gradi
 def test_the_trainer_upcasts_low_precision_logits_unless_disabled(tmp_path):
     zero_fraction = {}
     for float32 in (False, True):
-        args = _args(tmp_path, learning_rate=0.0, max_steps=10, per_device_train_batch_size=8, zo_float32_logits=float32)
+        args = _args(
+            tmp_path, learning_rate=0.0, max_steps=10, per_device_train_batch_size=8, zo_float32_logits=float32
+        )
         trainer = MeZOTrainer(model=_classifier(torch.bfloat16), args=args, train_dataset=_dataset(n=80))
         trainer.train()
         grads = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]

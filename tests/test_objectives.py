@@ -48,7 +48,9 @@ def test_label_words_turn_masked_lm_logits_into_class_predictions():
     assert float(negative_accuracy(FixedLogits(logits), inputs)) == -0.0  # full-vocabulary argmax: 5, 10
     assert float(negative_accuracy(FixedLogits(logits), inputs, label_word_ids=LABEL_WORDS)) == -0.5
     with pytest.raises(ValueError, match="label_word_ids"):
-        negative_accuracy(FixedLogits(logits), {"labels": labels.masked_fill(labels == 11, 7)}, label_word_ids=LABEL_WORDS)
+        negative_accuracy(
+            FixedLogits(logits), {"labels": labels.masked_fill(labels == 11, 7)}, label_word_ids=LABEL_WORDS
+        )
 
 
 def test_token_f1_is_squads_bag_of_tokens_f1():
@@ -102,7 +104,10 @@ def test_objective_is_used_in_both_passes_and_logged_as_the_training_loss(tmp_pa
 
     eps = 1e-1
     trainer = MeZOTrainer(
-        model=_masked_lm(), args=_args(tmp_path, zo_eps=eps), train_dataset=_prompt_dataset(), objective=recording_objective
+        model=_masked_lm(),
+        args=_args(tmp_path, zo_eps=eps),
+        train_dataset=_prompt_dataset(),
+        objective=recording_objective,
     )
     trainer.train()
     logs = [log for log in trainer.state.log_history if "grad_norm" in log]
