@@ -44,20 +44,38 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from transformers import AutoModelForMaskedLM, AutoTokenizer, HfArgumentParser, PreTrainedModel, Trainer, set_seed
-from transformers.training_args import ParallelMode
-
 from peft import get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    PreTrainedModel,
+    Trainer,
+    set_seed,
+)
+from transformers.training_args import ParallelMode
 
 from hf_mezo import MeZOConfig, MeZOTrainer
 from hf_mezo.adapters import init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from hf_mezo.data import load_sst2
 from hf_mezo.metrics import build_compute_metrics
+from hf_mezo.models import (
+    BertForPromptMaskedLM,
+    RobertaForPromptMaskedLM,
+    XLMRobertaForPromptMaskedLM,
+    freeze_all_but_top_layers,
+)
 from hf_mezo.prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
 
 logger = transformers.utils.logging.get_logger("run_sst2")
 
 TRAINERS = ("mezo", "ft")
+PROMPT_MLM_CLASSES = {
+    "roberta": RobertaForPromptMaskedLM,
+    "xlm-roberta": XLMRobertaForPromptMaskedLM,
+    "bert": BertForPromptMaskedLM,
+}
 # The k-shot split used when --data_seed is unset: the MeZO paper's headline split.
 DEFAULT_DATA_SEED = 42
 
@@ -80,6 +98,18 @@ class ModelArguments:
             "transformers.Trainer with AdamW on the same data and metric, the drop-in comparison.",
             "choices": list(TRAINERS),
         },
+    )
+    label_word_head: bool = field(
+        default=True,
+        metadata={
+            "help": "Load hf_mezo's prompt masked LM for the architecture (RoBERTa, XLM-R, BERT): the same weights, "
+            "but the LM head runs only at the mask and only for the label words (the LM-BFF loss), and the frozen "
+            "bottom layers are cached per example (with --zo_train_top_layers). Predictions are identical to the "
+            "stock head's; --no_label_word_head loads the stock AutoModelForMaskedLM."
+        },
+    )
+    zero_shot_eval: bool = field(
+        default=False, metadata={"help": "Also evaluate on the test split before training (prefix 'zero_shot')."}
     )
     lora: bool = field(
         default=False,
@@ -159,9 +189,21 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 # ---- model --------------------------------------------------------------------------------------
 
 
-def load_model(model_args: ModelArguments) -> PreTrainedModel:
-    """The masked LM; a checkpoint without an MLM head (a bare encoder) gets a new, untrained head."""
-    model, loading_info = AutoModelForMaskedLM.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
+def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) -> PreTrainedModel:
+    """The masked LM; a checkpoint without an MLM head (a bare encoder) gets a new, untrained head.
+
+    With --label_word_head (default) and a supported architecture, hf_mezo's prompt masked LM class loads
+    the same checkpoint and is told the label words, so its logits are the classes' (batch × classes).
+    """
+    model_cls = AutoModelForMaskedLM
+    if model_args.label_word_head:
+        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+        model_cls = PROMPT_MLM_CLASSES.get(config.model_type, AutoModelForMaskedLM)
+        if model_cls is AutoModelForMaskedLM:
+            logger.warning(f"no prompt masked LM for model_type {config.model_type!r}; using the stock head.")
+    model, loading_info = model_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
+    if model_cls is not AutoModelForMaskedLM:
+        model.set_label_word_ids(verbalizer.token_ids, mask_token_id=tokenizer.mask_token_id)
     new_weights = sorted(loading_info.get("missing_keys", []))
     if new_weights:
         logger.warning(
@@ -190,7 +232,12 @@ def prepare_model(model: PreTrainedModel, model_args: ModelArguments, training_a
 
 
 def select_trainable_parameters(model: PreTrainedModel, training_args: MeZOConfig) -> PreTrainedModel:
-    """Hook for `--zo_train_top_layers` (freeze all but the top layers and the head). No-op for now."""
+    """`--zo_train_top_layers K`: train only the top K layers and the head, for either trainer (FT too)."""
+    if training_args.zo_train_top_layers is not None:
+        trainable = freeze_all_but_top_layers(model, training_args.zo_train_top_layers)
+        logger.info(
+            f"training the top {training_args.zo_train_top_layers} layer(s) and the head: {len(trainable)} tensors"
+        )
     return model
 
 
@@ -249,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
     template = PromptTemplate(data_args.template)
     verbalizer = Verbalizer(data_args.label_words, tokenizer)
-    model = load_model(model_args)
+    model = load_model(model_args, verbalizer, tokenizer)
     model = prepare_model(model, model_args, training_args)
     model = select_trainable_parameters(model, training_args)
 
@@ -279,6 +326,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         preprocess_logits_for_metrics=preprocess_logits_for_metrics,
     )
 
+    if model_args.zero_shot_eval:
+        zero_shot = trainer.evaluate(eval_dataset=splits["test"], metric_key_prefix="zero_shot")
+        trainer.log_metrics("zero_shot", zero_shot)
+        trainer.save_metrics("zero_shot", zero_shot)
+
     if training_args.do_train:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
@@ -290,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics["test_samples"] = len(splits["test"])
     trainer.log_metrics("test", metrics)
     trainer.save_metrics("test", metrics)  # output_dir/test_results.json (and all_results.json)
+    trainer.accelerator.end_training()  # a clean end of the process group, or torchrun aborts at exit
     return metrics
 
 

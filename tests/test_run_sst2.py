@@ -14,8 +14,11 @@ import torch
 from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, RobertaModel
 
 from hf_mezo.data import load_sst2
+from hf_mezo.prompting import Verbalizer
 
 from .conftest import REPO, SHARED, tiny_roberta_config
+
+TOKENIZER_DIR = str(SHARED / "tokenizers" / "roberta-base")
 
 SCRIPT = REPO / "examples" / "run_sst2.py"
 GREAT, TERRIBLE = 372, 6587
@@ -154,14 +157,32 @@ def test_help_documents_the_paper_hyper_parameters(capsys):
 
 
 def test_checkpoint_without_mlm_head_gets_a_new_head_with_a_warning(tmp_path, caplog):
+    from hf_mezo.models import RobertaForPromptMaskedLM
+
     torch.manual_seed(0)
     RobertaModel(tiny_roberta_config(vocab_size=50265), add_pooling_layer=False).save_pretrained(tmp_path)
     script = _import_script()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    verbalizer = Verbalizer("{'0':'terrible','1':'great'}", tokenizer)
     with caplog.at_level(logging.WARNING, logger="run_sst2"):
-        model = script.load_model(script.ModelArguments(model_name_or_path=str(tmp_path)))
-    assert isinstance(model, RobertaForMaskedLM)
+        stock = script.load_model(
+            script.ModelArguments(model_name_or_path=str(tmp_path), label_word_head=False), verbalizer, tokenizer
+        )
+    assert type(stock) is RobertaForMaskedLM
     assert any("freshly initialized" in r.getMessage() and "lm_head" in r.getMessage() for r in caplog.records)
-    assert not script.is_label_word_model(model)  # a stock MLM: the collator must not send class_labels
+    assert not script.is_label_word_model(stock)  # a stock MLM: the collator must not send class_labels
+
+    prompt = script.load_model(script.ModelArguments(model_name_or_path=str(tmp_path)), verbalizer, tokenizer)
+    assert isinstance(prompt, RobertaForPromptMaskedLM) and script.is_label_word_model(prompt)
+    assert list(prompt.config.label_word_ids) == [6587, 372]
+    # Same weights, same predictions: the label-word logits are the stock logits at the label ids.
+    prompt.load_state_dict(stock.state_dict())
+    ids = tokenizer(["A fine film . It was <mask> ."], return_tensors="pt")
+    mask = int((ids["input_ids"][0] == tokenizer.mask_token_id).nonzero())
+    with torch.no_grad():
+        full = stock.eval()(**ids).logits[0, mask, [6587, 372]]
+        classes = prompt.eval()(**ids).logits[0]
+    torch.testing.assert_close(classes, full, rtol=1e-5, atol=1e-6)
 
 
 def test_public_api_is_exported():
