@@ -35,6 +35,10 @@ def add_scaled(values: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Ten
     return torch.add(values.to(z.dtype), z, alpha=scale).to(values.dtype)
 
 
+# Elements updated at a time (a multiple of the directions' chunk, so blocks never split a seeded chunk).
+UPDATE_BLOCK_NUMEL = 1 << 20
+
+
 class ZerothOrderSGD(torch.optim.Optimizer):
     """SGD on seeded two-point (SPSA) gradient estimates; no `.grad` is ever read or written.
 
@@ -219,27 +223,35 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         lr, weight_decay = group["lr"], group["weight_decay"]
         full = param
         param, start = local_shard(full)  # this process's rows of a sharded (FSDP2) parameter, else all of it
-        span = {"start": start, "end": start + param.numel()}
         steps = [(d, -lr * c) for d, c in enumerate(coefficients) if lr * c != 0.0]
         decay = 1.0 - lr * weight_decay
         if not steps and decay == 1.0:
             return  # nothing moves: leave the bits alone (adding 0 would turn -0.0 into +0.0)
-        if draw_dtype(param.dtype) == param.dtype:
+        # Block by block along the flattened parameter: z (and, for bf16/fp16 weights, the float32 update and
+        # the rounding's temporaries) exist for one block at a time, not for the whole vocabulary matrix.
+        # Every operation is elementwise and every random number is keyed by its position, so the result is
+        # bit-identical to updating the whole tensor at once.
+        flat = param.view(-1) if param.is_contiguous() else param
+        block_numel = UPDATE_BLOCK_NUMEL if param.is_contiguous() else param.numel()
+        for lo in range(0, param.numel(), block_numel):
+            block = flat[lo : lo + block_numel] if flat.dim() == 1 else flat
+            span = {"start": start + lo, "end": start + lo + block.numel()}
+            if draw_dtype(param.dtype) == param.dtype:
+                if decay != 1.0:
+                    block.mul_(decay)
+                for direction, alpha in steps:
+                    block.add_(self.direction(full, direction, **span).view_as(block), alpha=alpha)
+                continue
+            # Low-precision weights: accumulate the update in float32, round once.
+            updated = block.float()
             if decay != 1.0:
-                param.mul_(decay)
+                updated.mul_(decay)
             for direction, alpha in steps:
-                param.add_(self.direction(full, direction, **span).view_as(param), alpha=alpha)
-            return
-        # Low-precision weights: accumulate the update in float32, round once.
-        updated = param.float()
-        if decay != 1.0:
-            updated.mul_(decay)
-        for direction, alpha in steps:
-            updated.add_(self.direction(full, direction, **span).view_as(param), alpha=alpha)
-        if group["stochastic_rounding"]:
-            param.copy_(self._stochastic_round(updated, param, full, start))
-        else:
-            param.copy_(updated)
+                updated.add_(self.direction(full, direction, **span).view_as(block), alpha=alpha)
+            if group["stochastic_rounding"]:
+                block.copy_(self._stochastic_round(updated, block, full, span["start"]))
+            else:
+                block.copy_(updated)
 
     def _stochastic_round(
         self, value: torch.Tensor, param: torch.Tensor, full: torch.Tensor | None = None, start: int = 0

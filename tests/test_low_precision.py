@@ -7,6 +7,7 @@ from peft import get_peft_model
 from transformers import RobertaForSequenceClassification
 
 from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, perturbed_forward
+from hf_mezo import optimizer as optimizer_module
 from hf_mezo.adapters import lora_config_for_mezo
 from hf_mezo.precision import float32_logits, logits_module
 
@@ -182,3 +183,20 @@ def test_the_trainer_upcasts_low_precision_logits_unless_disabled(tmp_path):
         grads = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
         zero_fraction[float32] = sum(g == 0 for g in grads) / len(grads)
     assert zero_fraction[True] == 0.0 and zero_fraction[False] >= 0.3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW_PRECISION], ids=str)
+def test_the_blockwise_update_is_bit_identical_to_updating_the_whole_tensor(dtype, monkeypatch):
+    """The update runs block by block (small float32 temporaries); blocks must not change a single bit."""
+    results = []
+    for block_numel in (1 << 16, 1 << 30):  # 1<<30: one block, i.e. the whole tensor at once
+        monkeypatch.setattr(optimizer_module, "UPDATE_BLOCK_NUMEL", block_numel)
+        g = torch.Generator().manual_seed(0)
+        weight = torch.nn.Parameter((0.05 * torch.randn(5 * (1 << 16) + 123, 3, generator=g)).to(dtype))
+        opt = ZerothOrderSGD([{"params": [("weight", weight)], "weight_decay": 0.1}], lr=1e-3, num_directions=2)
+        for _ in range(2):
+            opt.accumulate(0, torch.tensor(0.7))
+            opt.accumulate(1, torch.tensor(-1.3))
+            opt.step()
+        results.append(weight.detach().view(torch.uint8).clone())
+    assert torch.equal(*results)
