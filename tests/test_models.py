@@ -517,3 +517,19 @@ def test_sharded_layers_run_whole_and_are_never_cached():
     with torch.no_grad():
         expected = stock(**batch).logits[torch.arange(3), positions][:, LABEL_WORDS]
     torch.testing.assert_close(sharded.logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bert_checkpoint_without_mlm_head_loads_with_an_initialized_head(tmp_path):
+    """A sentence-embedding BERT (no MLM head), like the demo's MiniLM: the new head must be real and tied."""
+    from transformers import BertConfig, BertModel
+
+    from hf_mezo.models import BertForPromptMaskedLM
+
+    config = BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    BertModel(config).save_pretrained(tmp_path)
+    model = BertForPromptMaskedLM.from_pretrained(tmp_path, label_word_ids=[5, 7])
+    assert not any(p.is_meta for p in model.parameters())
+    head = model.cls.predictions
+    assert head.bias is head.decoder.bias and torch.equal(head.bias, torch.zeros(99))
+    assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    assert model(input_ids=torch.tensor([[2, 3, 4]]), mask_positions=torch.tensor([1])).logits.shape == (1, 2)

@@ -85,7 +85,7 @@ class PromptMaskedLMMixin:
         **kwargs,
     ):
         super().__init__(config, *args, **kwargs)
-        self.set_output_embeddings(self.get_output_embeddings())  # wraps the decoder in a LabelWordDecoder
+        self._wrap_decoder()
         self.depth_cache = DepthCache(depth_cache_max_bytes)
         self._label_word_tensors: dict[torch.device, torch.Tensor] = {}
         self.set_label_word_ids(
@@ -119,6 +119,21 @@ class PromptMaskedLMMixin:
         if device not in self._label_word_tensors:
             self._label_word_tensors[device] = torch.tensor(self.label_word_ids, dtype=torch.long, device=device)
         return self._label_word_tensors[device]
+
+    def _wrap_decoder(self) -> None:
+        """Put the decoder in a LabelWordDecoder that holds the same Parameter objects, in place.
+
+        Not through `set_output_embeddings`: BERT's also makes the head's own `bias` the decoder's bias object,
+        a tie that `from_pretrained` does itself after loading; made before, it leaves a checkpoint without an
+        MLM head with that bias uninitialized (on the meta device).
+        """
+        decoder = self.get_output_embeddings()
+        for name, module in self.named_modules():
+            for child_name, child in module.named_children():
+                if child is decoder:
+                    setattr(module, child_name, LabelWordDecoder.from_linear(decoder))
+                    return
+        raise TypeError(f"{type(self).__name__}: the output embeddings are not a submodule; cannot wrap them.")
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         if not isinstance(new_embeddings, LabelWordDecoder):
