@@ -263,12 +263,6 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         `start` of the parameter `full`; its bits are then that slice of the full parameter's.
         """
         full = param if full is None else full
-        nearest = value.to(param.dtype)
-        nearest32 = nearest.float()
-        toward = torch.where(nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf))
-        other = torch.nextafter(nearest, toward).float()
-        gap = (other - nearest32).abs()
-        p_other = torch.where(gap > 0, (value - nearest32).abs() / gap, torch.zeros_like(gap))
         group = self.param_groups[0]
         uniform = draw_direction(
             self.param_names[id(full)] + "#rounding",
@@ -282,5 +276,18 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             start=start,
             end=start + param.numel(),
         ).view_as(param)
+        if param.dtype == torch.bfloat16 and value.dtype == torch.float32 and value.is_contiguous():
+            # bf16 is float32 without its low 16 bits. Adding a uniform 16-bit integer to the float32 bits and
+            # clearing the low 16 rounds the magnitude up with probability (low bits)/2¹⁶: stochastic rounding in
+            # three integer operations (a carry crosses into the next binade correctly; inf and NaN stay).
+            noise = uniform.mul_(65536.0).to(torch.int32)
+            bits = value.view(torch.int32).add(noise).bitwise_and_(-65536)
+            return bits.view(torch.float32).to(torch.bfloat16)
+        nearest = value.to(param.dtype)
+        nearest32 = nearest.float()
+        toward = torch.where(nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf))
+        other = torch.nextafter(nearest, toward).float()
+        gap = (other - nearest32).abs()
+        p_other = torch.where(gap > 0, (value - nearest32).abs() / gap, torch.zeros_like(gap))
         rounded = torch.where(uniform < p_other, other, nearest32)
         return rounded.to(param.dtype)

@@ -200,3 +200,19 @@ def test_the_blockwise_update_is_bit_identical_to_updating_the_whole_tensor(dtyp
             opt.step()
         results.append(weight.detach().view(torch.uint8).clone())
     assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_stochastic_rounding_lands_on_a_neighbour_and_keeps_exact_values_and_specials(dtype):
+    opt = ZerothOrderSGD([("w", torch.nn.Parameter(torch.zeros(8, dtype=dtype)))], lr=1.0)
+    param = opt.param_groups[0]["params"][0]
+    exact = torch.tensor([1.0, -2.0, 0.0, -0.0, float("inf"), float("-inf"), 0.5, 3.0])
+    rounded = opt._stochastic_round(exact.clone(), param)
+    assert torch.equal(rounded.float().view(torch.int32), exact.view(torch.int32))  # -0.0 keeps its sign bit
+    assert torch.isnan(opt._stochastic_round(torch.full((8,), float("nan")), param)).all()
+    # Between two representable neighbours (across a binade edge too: just below 1.0, and negative).
+    values = torch.tensor([1.0 - 1e-4, -(1.0 - 1e-4), 1.0 + 1e-3, -3.001, 1e-3, -1e-3, 100.01, 7.3])
+    rounded = opt._stochastic_round(values.clone(), param).float()
+    down = values.to(dtype).float()
+    up = torch.nextafter(values.to(dtype), torch.where(values > down, float("inf"), float("-inf")).to(dtype)).float()
+    assert bool(((rounded == down) | (rounded == up)).all())
