@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/model_variant.py
 	$(BIN)/python benchmarks/distributed.py
 	$(BIN)/python benchmarks/memory.py
+	$(BIN)/python benchmarks/objective_zero_gradients.py
+	$(BIN)/python benchmarks/bf16_loss_resolution.py
 
 quality: $(STAMP)
 	$(BIN)/ruff check hf_mezo tests examples benchmarks

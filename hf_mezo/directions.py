@@ -112,7 +112,8 @@ def draw_direction(
             _fill(whole, distribution, generator)
             out[lo - start : hi - start] = whole[lo - chunk_start : hi - chunk_start]
 
-    pool = _cpu_pool() if device.type == "cpu" and len(chunks) > 1 else None
+    # Handing work to threads costs tens of µs (ms on a busy machine): only worth it for a few chunks or more.
+    pool = _cpu_pool() if device.type == "cpu" and len(chunks) >= 4 else None
     if pool is None:
         for chunk in chunks:
             draw_chunk(chunk)
