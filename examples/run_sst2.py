@@ -171,7 +171,9 @@ class DataArguments:
         metadata={"help": "Longest prompt in tokens (LM-BFF's default); only the sentence is truncated to fit."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N validation rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only N validation rows, drawn at random (seeded by the data seed)."}
+    )
     max_test_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
 
 
@@ -269,7 +271,9 @@ def load_splits(data_args: DataArguments, data_seed: int | None):
         ("test", data_args.max_test_samples),
     ):
         if limit is not None:
-            splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
+            # Validation files can be sorted by label (the MeZO k-shot dev is): subsample it at random.
+            rows = splits[split].shuffle(seed=seed) if split == "validation" else splits[split]
+            splits[split] = rows.select(range(min(limit, len(rows))))
     return splits
 
 
