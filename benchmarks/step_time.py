@@ -168,12 +168,27 @@ def memory_worker(variant: str, shape: str, batch_size: int, seq_len: int) -> No
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    print(json.dumps({"variant": variant, "baseline_mib": base, "peak_mib": peak, "peak_above_baseline_mib": peak - base}))
+    print(
+        json.dumps(
+            {"variant": variant, "baseline_mib": base, "peak_mib": peak, "peak_above_baseline_mib": peak - base}
+        )
+    )
 
 
 def measure_memory(variant: str, shape: str, batch_size: int, seq_len: int) -> dict:
     out = subprocess.run(
-        [sys.executable, __file__, "--memory-worker", variant, "--shape", shape, "--batch", str(batch_size), "--seq", str(seq_len)],
+        [
+            sys.executable,
+            __file__,
+            "--memory-worker",
+            variant,
+            "--shape",
+            shape,
+            "--batch",
+            str(batch_size),
+            "--seq",
+            str(seq_len),
+        ],
         check=True,
         capture_output=True,
         text=True,
@@ -189,6 +204,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-timing", action="store_true", help="only the memory comparison")
     parser.add_argument("--memory-worker", choices=["inference", "mezo", "adamw"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
@@ -206,6 +222,21 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
     }
 
+    if args.skip_timing:
+        del model
+    else:
+        time_steps(model, inputs, n_params, args, results)
+    if not args.skip_memory:
+        measure_all_memory(args, results)
+    output = args.output or Path(__file__).parent / "results" / (
+        "step_time.json" if args.shape == "base" else f"step_time_{args.shape}.json"
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {output}")
+
+
+def time_steps(model, inputs, n_params: int, args, results: dict) -> None:
     with torch.no_grad():
         forward = timed(lambda: model(**inputs), args.repeats)
     with tempfile.TemporaryDirectory() as out:
@@ -228,31 +259,30 @@ def main() -> None:
         ("MeZO step (hf_mezo)", m, f"{m / (2 * f):.2f}", f"{mezo_passes:.2f}"),
         ("MeZO step (reference)", r, f"{r / (2 * f):.2f}", f"{ref_passes:.2f}"),
     ]
-    print(f"\n{args.shape}-shaped RobertaForMaskedLM ({n_params / 1e6:.1f}M params), batch {args.batch}×{args.seq}, {results['machine']}")
+    print(
+        f"\n{args.shape}-shaped RobertaForMaskedLM ({n_params / 1e6:.1f}M params), batch {args.batch}×{args.seq}, {results['machine']}"
+    )
     print(f"{'':24}{'median s':>10}{'× 2 fwd':>10}{'z passes':>10}")
     for name, t, ratio, passes in rows:
         print(f"{name:24}{t:10.3f}{ratio:>10}{passes:>10}")
     print(f"reference / hf_mezo step time: {r / m:.2f}×")
 
-    if not args.skip_memory:
-        memory = {v: measure_memory(v, args.shape, args.batch, args.seq) for v in ("inference", "mezo", "adamw")}
-        inf = memory["inference"]["peak_above_baseline_mib"]
-        results["memory_mib"] = memory
-        results["ratios"]["mezo_memory_over_inference"] = memory["mezo"]["peak_above_baseline_mib"] / inf
-        results["ratios"]["adamw_memory_over_mezo"] = (
-            memory["adamw"]["peak_above_baseline_mib"] / memory["mezo"]["peak_above_baseline_mib"]
-        )
-        print(f"\npeak RSS above the process baseline (MiB; baseline ≈ {memory['inference']['baseline_mib']:.0f} MiB of imports)")
-        for v in ("inference", "mezo", "adamw"):
-            above = memory[v]["peak_above_baseline_mib"]
-            print(f"{v:24}{above:10.0f}{above / inf:10.2f}× inference")
 
-    output = args.output or Path(__file__).parent / "results" / (
-        "step_time.json" if args.shape == "base" else f"step_time_{args.shape}.json"
+def measure_all_memory(args, results: dict) -> None:
+    memory = {v: measure_memory(v, args.shape, args.batch, args.seq) for v in ("inference", "mezo", "adamw")}
+    inf = memory["inference"]["peak_above_baseline_mib"]
+    results["memory_mib"] = memory
+    results.setdefault("ratios", {})
+    results["ratios"]["mezo_memory_over_inference"] = memory["mezo"]["peak_above_baseline_mib"] / inf
+    results["ratios"]["adamw_memory_over_mezo"] = (
+        memory["adamw"]["peak_above_baseline_mib"] / memory["mezo"]["peak_above_baseline_mib"]
     )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
-    print(f"\nwrote {output}")
+    print(
+        f"\npeak RSS above the process baseline (MiB; baseline ≈ {memory['inference']['baseline_mib']:.0f} MiB of imports)"
+    )
+    for v in ("inference", "mezo", "adamw"):
+        above = memory[v]["peak_above_baseline_mib"]
+        print(f"{v:24}{above:10.0f}{above / inf:10.2f}× inference")
 
 
 if __name__ == "__main__":
