@@ -1,6 +1,6 @@
 """bf16/fp16 weights: how often L₊ − L₋ rounds to 0, and how wrong g is, with and without float32 logits.
 
-On the demo's model (MiniLM-L6, top 2 layers + head trainable, as `examples/demo.py`) cast to bf16
+On the demo's model (MiniLM-L6 from `examples/demo.py`, top 2 layers + head trainable) cast to bf16
 (and fp16), with either head — hf_mezo's label-word head (its loss is already float32 inside) or the
 stock `BertForMaskedLM` head (cross-entropy over the full vocabulary, in the weights' dtype) — for
 `--directions` MeZO directions z (ε = 1e-3), each on its own batch of 16 SST-2 k = 512 prompts,
@@ -35,6 +35,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TRAIN_TOP_LAYERS = 2  # perturb two encoder layers and the head, so the forward's rounding is part of g
 
 
 def demo_model_and_batches(directions: int, batch_size: int, head: str):
@@ -50,12 +51,12 @@ def demo_model_and_batches(directions: int, batch_size: int, head: str):
     from hf_mezo.prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
 
     argv = demo.merged_argv([] if head == "label_word" else ["--no_label_word_head"])
-    model_args, data_args, training_args = run_sst2.parse_args(argv)
+    model_args, data_args, _ = run_sst2.parse_args(argv)
     tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path)
     verbalizer = Verbalizer(data_args.label_words, tokenizer)
     torch.manual_seed(0)  # the checkpoint has no MLM head: the new head is drawn from the global RNG
     model = run_sst2.load_model(model_args, verbalizer, tokenizer).eval()
-    freeze_all_but_top_layers(model, training_args.zo_train_top_layers)
+    freeze_all_but_top_layers(model, TRAIN_TOP_LAYERS)
     collator = VerbalizerDataCollator(
         tokenizer, PromptTemplate(data_args.template), verbalizer, max_length=data_args.max_seq_length
     )

@@ -1,8 +1,8 @@
 """How often is MeZO's projected gradient exactly 0? Accuracy as the objective vs the cross-entropy, on the demo.
 
-Runs `examples/run_sst2.py` with the demo's configuration (`examples/demo.py`: MiniLM-L6 with the
-label-word head, SST-2 k = 512, batch 16, top 2 layers trained, lr 1e-3) for a few hundred steps
-with `grad_norm` (= |g|) logged every step, once per objective:
+Runs `examples/run_sst2.py` with the demo's configuration (`examples/demo.py`'s `DEMO_ARGS`: MiniLM-L6
+with the label-word head, SST-2 k = 512, batch 16; recorded in the JSON) for a few hundred steps with
+`grad_norm` (= |g|) logged every step, once per objective:
 
   cross_entropy          the model's loss (the default), ε = 1e-3
   negative_accuracy      `--zo_objective negative_accuracy` (0/1 accuracy over the batch of 16), ε = 1e-3
