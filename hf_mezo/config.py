@@ -32,7 +32,9 @@ def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> Non
     """Raise a `ValueError` naming the bad zeroth-order setting and its fix. Called before any work."""
     eps = settings["zo_eps"]
     if not isinstance(eps, (int, float)) or not eps > 0:
-        raise ValueError(f"zo_eps must be a positive number (the perturbation scale ε), got {eps!r}; the paper uses 1e-3.")
+        raise ValueError(
+            f"zo_eps must be a positive number (the perturbation scale ε), got {eps!r}; the paper uses 1e-3."
+        )
     n = settings["zo_num_directions"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise ValueError(f"zo_num_directions must be an integer ≥ 1 (directions per step), got {n!r}.")
@@ -77,7 +79,9 @@ class MeZOConfig(TrainingArguments):
 
     zo_eps: float = field(
         default=1e-3,
-        metadata={"help": "Perturbation scale ε of the two-point estimate. 1e-3 is the MeZO paper's value for full tuning."},
+        metadata={
+            "help": "Perturbation scale ε of the two-point estimate. 1e-3 is the MeZO paper's value for full tuning."
+        },
     )
     zo_num_directions: int = field(
         default=1,

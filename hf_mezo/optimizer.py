@@ -134,7 +134,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 self.param_names[id(p)] = name
                 yield name, p, group
 
-    def direction(self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None) -> torch.Tensor:
+    def direction(
+        self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None
+    ) -> torch.Tensor:
         """z_direction of `param` for the current step, flattened, in its draw dtype (see `directions`)."""
         group = self.param_groups[0]
         return draw_direction(
@@ -210,7 +212,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             )
         else:
             coefficients = [float(g) / n for g in grads.double()]
-            for name, param, group in self.named_trainable_parameters():
+            for _, param, group in self.named_trainable_parameters():
                 self._update_parameter(param, group, coefficients)
         for group in self.param_groups:
             group["zo_step"] += 1
@@ -285,7 +287,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             return bits.view(torch.float32).to(torch.bfloat16)
         nearest = value.to(param.dtype)
         nearest32 = nearest.float()
-        toward = torch.where(nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf))
+        toward = torch.where(
+            nearest32 > value, torch.full_like(nearest, -math.inf), torch.full_like(nearest, math.inf)
+        )
         other = torch.nextafter(nearest, toward).float()
         gap = (other - nearest32).abs()
         p_other = torch.where(gap > 0, (value - nearest32).abs() / gap, torch.zeros_like(gap))

@@ -57,9 +57,7 @@ def _owned_trainable(model: nn.Module, trainable: set[int]) -> list[tuple[nn.Mod
 
 
 @contextlib.contextmanager
-def perturbed_forward(
-    model: nn.Module, optimizer: ZerothOrderSGD, direction: int, scale: float
-) -> Iterator[set[int]]:
+def perturbed_forward(model: nn.Module, optimizer: ZerothOrderSGD, direction: int, scale: float) -> Iterator[set[int]]:
     """Within the block, forwards of `model` see θ + scale·z_direction for the optimizer's parameters.
 
     Yields the set of ids of parameters that have been perturbed at least once (for coverage checks).

@@ -63,7 +63,9 @@ def streamed_forward(
     step_rows = block_rows(row_numel)
 
     def perturbed_rows(r0: int, r1: int) -> torch.Tensor:
-        return optimizer.perturbed_slice(weight, direction, scale, r0 * row_numel, r1 * row_numel).view(r1 - r0, row_numel)
+        return optimizer.perturbed_slice(weight, direction, scale, r0 * row_numel, r1 * row_numel).view(
+            r1 - r0, row_numel
+        )
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         on_use()
@@ -83,13 +85,17 @@ def streamed_forward(
 
     def embedding(ids: torch.Tensor) -> torch.Tensor:
         on_use()
-        out = F.embedding(ids, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse)
+        out = F.embedding(
+            ids, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse
+        )
         flat_ids, flat_out = ids.reshape(-1), out.view(-1, row_numel)
         for block in torch.unique(flat_ids // step_rows).tolist():
             r0, r1 = block * step_rows, min(rows, (block + 1) * step_rows)
             where = ((flat_ids >= r0) & (flat_ids < r1)).nonzero().squeeze(1)
             local = flat_ids[where] - r0
-            z = optimizer.direction(weight, direction, start=r0 * row_numel, end=r1 * row_numel).view(r1 - r0, row_numel)
+            z = optimizer.direction(weight, direction, start=r0 * row_numel, end=r1 * row_numel).view(
+                r1 - r0, row_numel
+            )
             flat_out[where] = add_scaled(flat_out[where], z[local], scale)
         return out
 

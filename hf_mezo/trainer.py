@@ -30,8 +30,8 @@ from transformers.utils import logging
 
 from .config import zo_settings
 from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
-from .objectives import Objective, resolve_objective
 from .models import freeze_all_but_top_layers
+from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
 from .precision import float32_logits
 
@@ -171,7 +171,10 @@ class MeZOTrainer(Trainer):
         return 1.0 / self.current_gradient_accumulation_steps, None
 
     def training_step(
-        self, model: nn.Module, inputs: dict[str, torch.Tensor | Any], num_items_in_batch: torch.Tensor | int | None = None
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor | Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
         """Two perturbed forwards per direction; accumulates g into the optimizer; returns (L₊ + L₋) / 2."""
         optimizer = self.zo_optimizer

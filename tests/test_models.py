@@ -525,7 +525,9 @@ def test_bert_checkpoint_without_mlm_head_loads_with_an_initialized_head(tmp_pat
 
     from hf_mezo.models import BertForPromptMaskedLM
 
-    config = BertConfig(vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    config = BertConfig(
+        vocab_size=99, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
+    )
     BertModel(config).save_pretrained(tmp_path)
     model = BertForPromptMaskedLM.from_pretrained(tmp_path, label_word_ids=[5, 7])
     assert not any(p.is_meta for p in model.parameters())

@@ -56,7 +56,7 @@ def test_z_of_a_parameter_is_independent_of_the_other_parameters():
 
 
 def test_step_applies_minus_lr_g_z_plus_weight_decay():
-    (name, p), = _named((6, 5))
+    ((name, p),) = _named((6, 5))
     before = p.detach().clone()
     opt = ZerothOrderSGD([{"params": [(name, p)], "weight_decay": 0.1}], lr=0.5, seed=3, num_directions=2)
     z0, z1 = opt.direction(p, 0).view_as(p).clone(), opt.direction(p, 1).view_as(p).clone()
@@ -71,7 +71,7 @@ def test_step_applies_minus_lr_g_z_plus_weight_decay():
 
 
 def test_lr_zero_step_is_bit_exact_even_for_negative_zero():
-    (name, p), = _named((3, 3), dtype=torch.float32)
+    ((name, p),) = _named((3, 3), dtype=torch.float32)
     with torch.no_grad():
         p[0, 0] = -0.0
     before = p.detach().clone()
@@ -82,7 +82,7 @@ def test_lr_zero_step_is_bit_exact_even_for_negative_zero():
 
 
 def test_non_finite_projected_gradient_skips_the_update():
-    (name, p), = _named((3,))
+    ((name, p),) = _named((3,))
     before = p.detach().clone()
     opt = ZerothOrderSGD([(name, p)], lr=1.0)
     opt.accumulate(0, torch.tensor(float("nan")))
@@ -95,7 +95,7 @@ def test_non_finite_projected_gradient_skips_the_update():
 
 
 def test_state_dict_round_trip_resumes_the_stream():
-    (name, p), = _named((4,))
+    ((name, p),) = _named((4,))
     opt = ZerothOrderSGD([(name, p)], seed=11)
     for _ in range(3):
         opt.accumulate(0, torch.tensor(0.1))

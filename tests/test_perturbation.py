@@ -62,7 +62,7 @@ def test_perturbation_is_exact_and_complete():
     # The perturbed forward equals a forward of an explicitly perturbed copy.
     reference = _mlm()
     with torch.no_grad():
-        for (n, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        for (_, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
             q.copy_(optimizer.perturbed(p, 0, 1e-3))
     torch.testing.assert_close(perturbed_logits, reference(**inputs).logits, rtol=0, atol=0)
     assert not any(hasattr(m, "_zo_restore") or "forward" in m.__dict__ for m in model.modules())

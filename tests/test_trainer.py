@@ -233,7 +233,9 @@ def test_drop_in_with_auto_model_and_default_collator(tmp_path):
     grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(loss, list(model.parameters()))))
     trainer.create_optimizer()
     opt = trainer.zo_optimizer
-    directional = sum((grads[n] * opt.direction(p, 0).view_as(p)).sum() for n, p, _ in opt.named_trainable_parameters())
+    directional = sum(
+        (grads[n] * opt.direction(p, 0).view_as(p)).sum() for n, p, _ in opt.named_trainable_parameters()
+    )
 
     trainer.train()
     z = z_list(opt, model, step=0)
@@ -307,7 +309,16 @@ def test_config_parses_from_the_command_line(tmp_path):
     from transformers import HfArgumentParser
 
     (config,) = HfArgumentParser(MeZOConfig).parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--zo_eps", "0.01", "--zo_num_directions", "4", "--zo_distribution", "rademacher"]
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--zo_eps",
+            "0.01",
+            "--zo_num_directions",
+            "4",
+            "--zo_distribution",
+            "rademacher",
+        ]
     )
     assert (config.zo_eps, config.zo_num_directions, config.zo_distribution) == (0.01, 4, "rademacher")
 
@@ -324,7 +335,9 @@ def test_train_top_layers_freezes_the_rest(tmp_path):
     torch.manual_seed(0)
     model = RobertaForMaskedLM(tiny_roberta_config())
     before = _snapshot(model)
-    trainer = MeZOTrainer(model=model, args=_args(tmp_path, zo_train_top_layers=1, max_steps=2), train_dataset=_mlm_data(8))
+    trainer = MeZOTrainer(
+        model=model, args=_args(tmp_path, zo_train_top_layers=1, max_steps=2), train_dataset=_mlm_data(8)
+    )
     trainer.train()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(("roberta.encoder.layer.1.", "lm_head.")) for n in changed)

@@ -128,7 +128,7 @@ class PromptMaskedLMMixin:
         MLM head with that bias uninitialized (on the meta device).
         """
         decoder = self.get_output_embeddings()
-        for name, module in self.named_modules():
+        for module in self.modules():
             for child_name, child in module.named_children():
                 if child is decoder:
                     setattr(module, child_name, LabelWordDecoder.from_linear(decoder))
