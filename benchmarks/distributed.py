@@ -231,7 +231,11 @@ def run_variant(
         command += ["--num_processes", str(processes), "--main_process_port", str(_free_port()), *worker_args]
     run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if run.returncode != 0:
-        raise RuntimeError(f"{variant} on {processes} process(es) failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+        if not result.exists():
+            raise RuntimeError(f"{variant} on {processes} process(es) failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+        # Seen with the DDP comparison on gloo: the run measures and writes its result, then a process aborts
+        # while tearing down ("terminate called without an active exception"). The measurement stands.
+        print(f"  note: {variant} on {processes} process(es) exited with {run.returncode} after writing its result")
     return json.loads(result.read_text())
 
 

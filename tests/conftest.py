@@ -40,3 +40,68 @@ def tiny_roberta_config(**overrides):
 @pytest.fixture
 def tiny_config():
     return tiny_roberta_config()
+
+
+def mezo_args(tmp_path, **overrides):
+    """A `MeZOConfig` for quick CPU tests: constant LR, log every step, no saving, no reporting."""
+    from hf_mezo import MeZOConfig
+
+    kwargs = dict(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    kwargs.update(overrides)
+    return MeZOConfig(**kwargs)
+
+
+def classification_dataset(n=16, length=6, seed=0):
+    """Random token rows (bos … eos) whose label is the parity of their first token."""
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, length), generator=g)
+    ids[:, 0], ids[:, -1] = 0, 2
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] % 2).tolist()})
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def import_run_sst2():
+    """examples/run_sst2.py as a module (registered in sys.modules: its dataclasses need that)."""
+    import importlib.util
+    import sys
+
+    if "run_sst2" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("run_sst2", REPO / "examples" / "run_sst2.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["run_sst2"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["run_sst2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_dir(tmp_path_factory):
+    """A random tiny RobertaForMaskedLM (full roberta-base vocabulary, hidden 16) with the real tokenizer beside it."""
+    import shutil
+
+    from transformers import RobertaForMaskedLM
+
+    path = tmp_path_factory.mktemp("tiny-roberta-mlm")
+    torch.manual_seed(0)
+    RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).save_pretrained(path)
+    tokenizer_dir = SHARED / "tokenizers" / "roberta-base"
+    for name in os.listdir(tokenizer_dir):
+        if name.endswith((".json", ".txt")):
+            shutil.copy(tokenizer_dir / name, path / name)
+    return path

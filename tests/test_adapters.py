@@ -1,10 +1,6 @@
 """MeZO with peft adapters: only adapter tensors move, g matches autograd, adapters save and load the peft way."""
 
-import importlib.util
 import json
-import os
-import shutil
-import sys
 import warnings
 
 import pytest
@@ -14,7 +10,7 @@ from peft import PeftModel, PromptTuningConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, Trainer
 
-from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, load_sst2, perturbed_forward
+from hf_mezo import MeZOTrainer, ZerothOrderSGD, load_sst2, perturbed_forward
 from hf_mezo.adapters import (
     MEZO_PAPER_SETTINGS,
     init_prefix_from_tokens,
@@ -22,7 +18,7 @@ from hf_mezo.adapters import (
     prefix_config_for_mezo,
 )
 
-from .conftest import REPO, SHARED, tiny_roberta_config
+from .conftest import REPO, import_run_sst2, mezo_args, snapshot, tiny_roberta_config
 
 
 def _masked_lm(dtype=torch.float32, seed=0):
@@ -43,26 +39,7 @@ def _mlm_dataset(n=8, length=8, seed=0):
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=1,
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=3,
-    )
-    kwargs.update(overrides)
-    return MeZOConfig(**kwargs)
-
-
-def _snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return mezo_args(tmp_path, **{"per_device_eval_batch_size": 8, "weight_decay": 0.0, "seed": 3, **overrides})
 
 
 def _batch(data):
@@ -74,7 +51,7 @@ def test_lora_changes_only_adapters_and_g_equals_autograd_directional_derivative
     model = get_peft_model(_masked_lm(torch.float64), lora_config_for_mezo(init_lora_weights=False))
     data = _mlm_dataset()
     eta, eps = 1e-3, 1e-6
-    before = _snapshot(model)
+    before = snapshot(model)
     adapters = [n for n, p in model.named_parameters() if p.requires_grad]
     assert adapters and all(".lora_A." in n or ".lora_B." in n for n in adapters)
 
@@ -112,7 +89,7 @@ def test_adapter_trains_saves_the_peft_way_and_loads_back_for_evaluation(tmp_pat
     if method == "prefix":
         init_prefix_from_tokens(model)
     data = _mlm_dataset(n=16)
-    before = _snapshot(model)
+    before = snapshot(model)
     args = _args(tmp_path, max_steps=4, **MEZO_PAPER_SETTINGS[method])
     trainer = MeZOTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
     trainer.train()
@@ -197,25 +174,7 @@ SCRIPT = REPO / "examples" / "run_sst2.py"
 TEST_ROWS = 16
 
 
-def _run_sst2():
-    if "run_sst2" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("run_sst2", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["run_sst2"] = module  # dataclasses resolve the script's annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["run_sst2"]
-
-
-@pytest.fixture(scope="module")
-def tiny_mlm_dir(tmp_path_factory):
-    """A random tiny RobertaForMaskedLM with the full roberta-base vocabulary and the real tokenizer beside it."""
-    path = tmp_path_factory.mktemp("tiny-roberta-mlm")
-    torch.manual_seed(0)
-    RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).save_pretrained(path)
-    for name in os.listdir(SHARED / "tokenizers" / "roberta-base"):
-        if name.endswith((".json", ".txt")):
-            shutil.copy(SHARED / "tokenizers" / "roberta-base" / name, path / name)
-    return path
+_run_sst2 = import_run_sst2
 
 
 def _accuracy_of_saved_adapter(model_dir, adapter_dir):

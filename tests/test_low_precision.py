@@ -2,16 +2,15 @@
 
 import pytest
 import torch
-from datasets import Dataset
 from peft import get_peft_model
 from transformers import RobertaForSequenceClassification
 
-from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD, perturbed_forward
+from hf_mezo import MeZOTrainer, ZerothOrderSGD, perturbed_forward
 from hf_mezo import optimizer as optimizer_module
 from hf_mezo.adapters import lora_config_for_mezo
 from hf_mezo.precision import float32_logits, logits_module
 
-from .conftest import tiny_roberta_config
+from .conftest import classification_dataset, mezo_args, tiny_roberta_config
 
 LOW_PRECISION = [torch.bfloat16, torch.float16]
 
@@ -23,29 +22,11 @@ def _classifier(dtype=torch.float32, seed=0):
 
 
 def _dataset(n=16, length=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (n, length), generator=g)
-    ids[:, 0], ids[:, -1] = 0, 2
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] % 2).tolist()})
+    return classification_dataset(n, length, seed)
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=3,
-        per_device_train_batch_size=16,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        weight_decay=0.0,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return MeZOConfig(**kwargs)
+    return mezo_args(tmp_path, **{"max_steps": 3, "per_device_train_batch_size": 16, "weight_decay": 0.0, **overrides})
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)

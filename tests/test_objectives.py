@@ -9,10 +9,10 @@ from sklearn.metrics import f1_score
 from transformers import GPT2Config, GPT2LMHeadModel, RobertaForMaskedLM
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from hf_mezo import MeZOConfig, MeZOTrainer
+from hf_mezo import MeZOTrainer
 from hf_mezo.objectives import generation_objective, negative_accuracy, negative_f1, token_f1
 
-from .conftest import tiny_roberta_config
+from .conftest import mezo_args, tiny_roberta_config
 
 LABEL_WORDS = [10, 11]  # the "verbalizer" of the tiny prompt task: class c is token LABEL_WORDS[c] at the mask
 
@@ -72,21 +72,7 @@ def _prompt_dataset(n=64, length=8, seed=0):
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=0,
-    )
-    kwargs.update(overrides)
-    return MeZOConfig(**kwargs)
+    return mezo_args(tmp_path, **{"max_steps": 2, **overrides})
 
 
 def _masked_lm(seed=0):

@@ -1,11 +1,9 @@
 """examples/run_sst2.py end to end on a tiny RoBERTa with the real tokenizer: the saved test accuracy must be
 the accuracy of the saved model, recomputed here one sentence at a time without the package's prompting code."""
 
-import importlib.util
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM
 from hf_mezo.data import load_sst2
 from hf_mezo.prompting import Verbalizer
 
-from .conftest import REPO, SHARED, tiny_roberta_config
+from .conftest import REPO, SHARED, import_run_sst2, tiny_roberta_config
 
 TOKENIZER_DIR = str(SHARED / "tokenizers" / "roberta-base")
 
@@ -25,25 +23,12 @@ GREAT, TERRIBLE = 372, 6587
 TEST_ROWS = 24
 
 
-def _import_script():
-    if "run_sst2" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("run_sst2", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["run_sst2"] = module  # dataclasses resolve the script's annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["run_sst2"]
+_import_script = import_run_sst2
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A random tiny RobertaForMaskedLM (full roberta-base vocabulary, hidden 16) with the real tokenizer beside it."""
-    path = tmp_path_factory.mktemp("tiny-roberta-mlm")
-    torch.manual_seed(0)
-    RobertaForMaskedLM(tiny_roberta_config(vocab_size=50265, max_position_embeddings=130)).save_pretrained(path)
-    for name in os.listdir(SHARED / "tokenizers" / "roberta-base"):
-        if name.endswith((".json", ".txt")):
-            shutil.copy(SHARED / "tokenizers" / "roberta-base" / name, path / name)
-    return path
+def tiny_model_dir(tiny_mlm_dir):
+    return tiny_mlm_dir
 
 
 def _args(model_dir, output_dir, trainer):

@@ -16,7 +16,7 @@ from transformers import (
 
 from hf_mezo import MeZOConfig, MeZOTrainer, ZerothOrderSGD
 
-from .conftest import SHARED, tiny_roberta_config
+from .conftest import SHARED, classification_dataset, mezo_args, snapshot, tiny_roberta_config
 
 
 def _classifier(dtype=torch.float32, seed=0):
@@ -24,33 +24,12 @@ def _classifier(dtype=torch.float32, seed=0):
     return RobertaForSequenceClassification(tiny_roberta_config(num_labels=2)).to(dtype)
 
 
-def _dataset(n=16, length=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (n, length), generator=g)
-    ids[:, 0], ids[:, -1] = 0, 2
-    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 1] % 2).tolist()})
+_dataset = classification_dataset
+_snapshot = snapshot
 
 
 def _args(tmp_path, **overrides):
-    kwargs = dict(
-        output_dir=str(tmp_path / "out"),
-        max_steps=1,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        disable_tqdm=True,
-        seed=5,
-    )
-    kwargs.update(overrides)
-    return MeZOConfig(**kwargs)
-
-
-def _snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return mezo_args(tmp_path, **{"learning_rate": 1e-2, "seed": 5, **overrides})
 
 
 def test_projected_gradient_equals_autograd_directional_derivative_float64(tmp_path):
