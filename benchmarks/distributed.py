@@ -232,7 +232,9 @@ def run_variant(
     run = subprocess.run(command, env=env, capture_output=True, text=True, cwd=REPO)
     if run.returncode != 0:
         if not result.exists():
-            raise RuntimeError(f"{variant} on {processes} process(es) failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}")
+            raise RuntimeError(
+                f"{variant} on {processes} process(es) failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+            )
         # Seen with the DDP comparison on gloo: the run measures and writes its result, then a process aborts
         # while tearing down ("terminate called without an active exception"). The measurement stands.
         print(f"  note: {variant} on {processes} process(es) exited with {run.returncode} after writing its result")
