@@ -93,8 +93,10 @@ def plot(output_dir: Path) -> Path:
     ax_loss.plot(*zip(*loss), color="tab:blue")
     ax_loss.set(xlabel="step", ylabel="training loss (mean of L+ and L-)", title="MeZO training loss")
     ax_acc.plot([0] + [s for s, _ in accuracy], [zero_shot] + [a for _, a in accuracy], marker="o", color="tab:green")
-    ax_acc.axhline(0.743, color="gray", linestyle="--", label="linear probe, k=512 (74.3%)")
-    ax_acc.set(xlabel="step", ylabel="dev accuracy", title="SST-2 dev accuracy (step 0: zero-shot on test)")
+    test = json.loads((output_dir / "test_results.json").read_text())["test_accuracy"]
+    ax_acc.plot([loss[-1][0]], [test], marker="X", markersize=10, color="tab:red", linestyle="", label="final, test")
+    ax_acc.axhline(0.743, color="gray", linestyle="--", label="linear probe, k=512, test (74.3%)")
+    ax_acc.set(xlabel="step", ylabel="accuracy", title="SST-2 dev accuracy (step 0: zero-shot on test)")
     ax_acc.legend(loc="lower right")
     fig.tight_layout()
     path = output_dir / "curves.png"
