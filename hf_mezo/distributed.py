@@ -132,6 +132,8 @@ def perturbed_sharded_forward(model: nn.Module, optimizer, direction: int, scale
     The FSDP2 modules are resharded on entry and exit: the root keeps its parameters gathered between
     forwards, and after an update those copies would be stale.
     """
+    from .optimizer import add_scaled  # the same θ + s·z arithmetic as unsharded (import cycle)
+
     trainable = {id(p) for _, p, _ in optimizer.named_trainable_parameters()}
     owners: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
     for module in model.modules():
@@ -154,7 +156,7 @@ def perturbed_sharded_forward(model: nn.Module, optimizer, direction: int, scale
                         "module's forward: MeZO perturbs FSDP2 (fully_shard) models only, not tensor parallel ones."
                     )
                 z = optimizer.direction(sharded, direction).view_as(gathered).to(gathered.device)
-                perturbed = torch.add(gathered.to(z.dtype), z, alpha=scale).to(gathered.dtype)
+                perturbed = add_scaled(gathered, z, scale)
                 active[id(gathered)] = (gathered, gathered.data)
                 gathered.data = perturbed
                 touched.add(id(sharded))
