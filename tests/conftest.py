@@ -105,3 +105,17 @@ def tiny_mlm_dir(tmp_path_factory):
         if name.endswith((".json", ".txt")):
             shutil.copy(tokenizer_dir / name, path / name)
     return path
+
+
+def hand_prompt_accuracy(model, tokenizer, rows) -> float:
+    """Accuracy of a masked LM on SST-2 rows, independently of hf_mezo's prompting: whole-prompt tokenization,
+    one sentence at a time, ' great' vs ' terrible' logits at the mask."""
+    great, terrible = (tokenizer.convert_tokens_to_ids(w) for w in ("Ġgreat", "Ġterrible"))
+    correct = 0
+    with torch.no_grad():
+        for row in rows:
+            encoded = tokenizer(row["sentence"].strip() + " It was<mask>.", return_tensors="pt")
+            position = encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)
+            logits = model(**encoded).logits[0, position]
+            correct += int(int(logits[great] > logits[terrible]) == row["label"])
+    return correct / len(rows)

@@ -18,7 +18,7 @@ from hf_mezo.adapters import (
     prefix_config_for_mezo,
 )
 
-from .conftest import REPO, import_run_sst2, mezo_args, snapshot, tiny_roberta_config
+from .conftest import REPO, hand_prompt_accuracy, import_run_sst2, mezo_args, snapshot, tiny_roberta_config
 
 
 def _masked_lm(dtype=torch.float32, seed=0):
@@ -181,16 +181,8 @@ def _accuracy_of_saved_adapter(model_dir, adapter_dir):
     """Test accuracy of base + saved adapter, loaded the peft way, one sentence at a time (label words by hand)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = PeftModel.from_pretrained(AutoModelForMaskedLM.from_pretrained(model_dir), str(adapter_dir)).eval()
-    great, terrible = (tokenizer.convert_tokens_to_ids(w) for w in ("Ġgreat", "Ġterrible"))
     rows = load_sst2(k=16, seed=42)["test"].select(range(TEST_ROWS))
-    correct = 0
-    with torch.no_grad():
-        for row in rows:
-            encoded = tokenizer(row["sentence"].strip() + " It was<mask>.", return_tensors="pt")
-            position = encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)
-            logits = model(**encoded).logits[0, position]
-            correct += int(int(logits[great] > logits[terrible]) == row["label"])
-    return correct / len(rows)
+    return hand_prompt_accuracy(model, tokenizer, rows)
 
 
 @pytest.mark.parametrize("flag", ["--lora", "--prefix"])

@@ -14,7 +14,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM
 from hf_mezo.data import load_sst2
 from hf_mezo.prompting import Verbalizer
 
-from .conftest import REPO, SHARED, import_run_sst2, tiny_roberta_config
+from .conftest import REPO, SHARED, hand_prompt_accuracy, import_run_sst2, tiny_roberta_config
 
 TOKENIZER_DIR = str(SHARED / "tokenizers" / "roberta-base")
 
@@ -58,15 +58,8 @@ def _hand_accuracy(model_dir, rows=TEST_ROWS):
     """Accuracy of the saved model on the first test rows: whole-prompt tokenization, one sentence at a time."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForMaskedLM.from_pretrained(model_dir).eval()
-    rows = load_sst2(k=16, seed=42)["test"].select(range(rows))
-    correct = 0
-    with torch.no_grad():
-        for row in rows:
-            encoded = tokenizer(row["sentence"].strip() + " It was<mask>.", return_tensors="pt")
-            position = encoded["input_ids"][0].tolist().index(tokenizer.mask_token_id)
-            logits = model(**encoded).logits[0, position]
-            correct += int(int(logits[GREAT] > logits[TERRIBLE]) == row["label"])
-    return correct / len(rows)
+    assert tokenizer.convert_tokens_to_ids(["Ġgreat", "Ġterrible"]) == [GREAT, TERRIBLE]
+    return hand_prompt_accuracy(model, tokenizer, load_sst2(k=16, seed=42)["test"].select(range(rows)))
 
 
 def _check_run(model_dir, output_dir):
