@@ -12,12 +12,12 @@ from .models import (
 )
 from .objectives import generation_objective, negative_accuracy, negative_f1, token_f1
 from .optimizer import ZerothOrderSGD
-from .perturbation import perturbed_forward
+from .perturbation import PerturbationError, perturbed, perturbed_forward
 from .precision import float32_logits
 from .prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
 from .trainer import MeZOTrainer
 
-__all__ = ["MeZOConfig", "MeZOTrainer", "ZerothOrderSGD", "perturbed_forward"]
+__all__ = ["MeZOConfig", "MeZOTrainer", "PerturbationError", "ZerothOrderSGD", "perturbed", "perturbed_forward"]
 __all__ += [
     "PromptTemplate",
     "Verbalizer",

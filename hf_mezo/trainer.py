@@ -29,10 +29,11 @@ from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
 from .config import zo_settings
-from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
+from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
+from .perturbation import perturbed
 from .precision import float32_logits
 
 logger = logging.get_logger(__name__)
