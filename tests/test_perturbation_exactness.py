@@ -264,3 +264,18 @@ def test_the_monitored_pass_and_the_planned_passes_see_the_same_values():
             q.copy_(optimizer.perturbed(p, 0, 1e-2))
     assert torch.equal(losses[0], losses[1])
     assert torch.equal(losses[0], explicit(**batch).loss)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager"])
+def test_torch_compile_keeps_the_perturbation_outside_the_graph(tmp_path, backend):
+    from torch._dynamo.utils import counters
+    from transformers import RobertaForMaskedLM
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = RobertaForMaskedLM(tiny_roberta_config(vocab_size=VOCAB))
+    trainer = check_estimator_identity(model, tmp_path, torch_compile=True, torch_compile_backend=backend)
+    plan = trainer.model_wrapped.__dict__["_zo_perturbation_plan"]
+    assert plan.key[0] and len(plan.whole) == len(list(model.parameters()))  # compiled: all held, no hooks
+    assert counters["stats"]["unique_graphs"] == 1  # both passes ran the one compiled graph, no recompile

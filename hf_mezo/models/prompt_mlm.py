@@ -27,7 +27,13 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils.generic import can_return_tuple
 
-from .depth_cache import DEFAULT_MAX_BYTES, DepthCache, cached_frozen_stack, tensor_fingerprint
+from .depth_cache import (
+    DEFAULT_MAX_BYTES,
+    DepthCache,
+    cached_frozen_stack,
+    module_state_fingerprint,
+    tensor_fingerprint,
+)
 from .freezing import encoder_layers
 from .label_words import (
     LabelWordDecoder,
@@ -177,7 +183,12 @@ class PromptMaskedLMMixin:
         if any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for module in frozen for m in module.modules()):
             return 0  # active dropout makes the frozen stack random: nothing to reuse
         tensors = [t for module in frozen for t in (*module.parameters(), *module.buffers())]
-        fingerprint = (depth, self.config._attn_implementation, tensor_fingerprint(tensors))
+        fingerprint = (
+            depth,
+            self.config._attn_implementation,
+            tensor_fingerprint(tensors),
+            module_state_fingerprint(frozen),
+        )
         self.depth_cache.validate(fingerprint, tensors)
         return depth
 
