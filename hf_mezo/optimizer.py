@@ -202,6 +202,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
         self._reduced = None
 
+    def discard_step(self) -> None:
+        """Forget the projected gradients measured so far for this step (a step abandoned midway, e.g. on an
+        out-of-memory retry with a smaller batch), so that they do not leak into the next step's update."""
+        self._projected_grads = [0.0] * self.num_directions
+        self._reduced = None
+        self._skip_step = False
+
     def projected_grads(self) -> torch.Tensor:
         """The step's projected gradients (n,), averaged across processes if a reduction is installed."""
         if self._reduced is None:
@@ -243,9 +250,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 self._update_parameter(param, group, coefficients)
         for group in self.param_groups:
             group["zo_step"] += 1
-        self._projected_grads = [0.0] * n
-        self._reduced = None
-        self._skip_step = False
+        self.discard_step()
         return loss
 
     def _update_parameter(self, param: torch.Tensor, group: dict, coefficients: list[float]) -> None:
