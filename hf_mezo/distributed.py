@@ -264,12 +264,6 @@ def wrap_model_for_mezo(
     """
     accelerator = trainer.accelerator
     check_supported(accelerator)
-    if trainer.args.n_gpu > 1:
-        logger.warning(
-            "MeZOTrainer under torch.nn.DataParallel (several GPUs, one process) copies every parameter to every "
-            "GPU on each of the 2n forwards of a step. Launch with `accelerate launch --multi_gpu` instead: the "
-            "processes then exchange n scalars per step."
-        )
     wrapped = wrap(model, training=training, dataloader=dataloader)
     # Evaluation, a wrapper of the Trainer's own (DataParallel, ...), or no replicas to keep in step.
     if not training or wrapped is not model or not is_data_parallel(accelerator):

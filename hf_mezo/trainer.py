@@ -28,13 +28,14 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .config import zo_settings
+from .config import refuse_unsupported_options, zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
-from .perturbation import perturbed
+from .perturbation import check_perturbable, perturbed
 from .precision import float32_logits
+from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
 
@@ -58,8 +59,18 @@ class MeZOTrainer(Trainer):
     ):
         if args is None:
             raise ValueError("MeZOTrainer needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set.")
-        self.zo = zo_settings(args)  # validates before any work
-        self.objective = resolve_objective(objective if objective is not None else self.zo["zo_objective"])
+        zo = zo_settings(args)  # validates before any work
+        refuse_unsupported_options(args)
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"n_gpu={args.n_gpu} would run MeZO under torch.nn.DataParallel (several GPUs, one process), whose "
+                "replicas are copied before MeZO's perturbation runs, so GPUs ≥ 1 would evaluate θ instead of θ ± εz. "
+                "Launch one process per GPU with `accelerate launch` (or torchrun), or expose one GPU "
+                "(CUDA_VISIBLE_DEVICES=0)."
+            )
+        # Not `self.objective`: the Trainer's hyperparameter search writes its metric there.
+        self._zo_objective_argument = objective
+        resolve_objective(objective if objective is not None else zo["zo_objective"])
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
             raise TypeError(
@@ -72,8 +83,10 @@ class MeZOTrainer(Trainer):
                 raise TypeError(
                     f"MeZOTrainer got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
                 )
-        if model is not None and self.zo["zo_train_top_layers"] is not None:
-            freeze_all_but_top_layers(model, self.zo["zo_train_top_layers"])
+        if model is not None and zo["zo_train_top_layers"] is not None:
+            freeze_all_but_top_layers(model, zo["zo_train_top_layers"])
+        if model is not None:
+            check_perturbable(model, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
                 "MeZOTrainer got a model with no trainable parameters (requires_grad=False everywhere). "
@@ -81,12 +94,27 @@ class MeZOTrainer(Trainer):
             )
         super().__init__(model, args, *pargs, **kwargs)
 
+    @property
+    def zo(self) -> dict[str, Any]:
+        """The zeroth-order settings, read from `args` at each use: a hyperparameter search's trial sets them there."""
+        return zo_settings(self.args)
+
+    @property
+    def zo_objective(self) -> Objective | None:
+        """The objective of the perturbed passes (`objective=`, else `zo_objective` from the args), or None."""
+        chosen = self._zo_objective_argument
+        return resolve_objective(chosen if chosen is not None else self.zo["zo_objective"])
+
     # ---- optimizer ------------------------------------------------------------------------------
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """A `ZerothOrderSGD` over the trainable parameters, grouped like the Trainer's AdamW."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
+            # Here rather than in __init__ only: a model from `model_init`, and a trial's zo_train_top_layers.
+            if self.zo["zo_train_top_layers"] is not None:
+                freeze_all_but_top_layers(opt_model, self.zo["zo_train_top_layers"])
+            check_perturbable(opt_model, [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad])
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             groups = [
@@ -160,10 +188,11 @@ class MeZOTrainer(Trainer):
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> tuple[float, Any]:
         """(weight of this micro-batch's loss in the step's objective, num_items_in_batch to pass on)."""
-        if self.compute_loss_func is not None or self.loss_is_scaled_for_ga:
+        own_objective = self.zo_objective is not None  # compute_loss_func / loss_is_scaled_for_ga concern compute_loss
+        if not own_objective and (self.compute_loss_func is not None or self.loss_is_scaled_for_ga):
             return 1.0, num_items_in_batch  # the loss is already normalized over the whole step
         items, total = self._count_label_items(inputs), getattr(self, "_zo_step_items", None)
-        if self.loss_is_scaled_for_ga is None and items is not None and total:
+        if (own_objective or self.loss_is_scaled_for_ga is None) and items is not None and total:
             # Mean over this micro-batch × its share of the step's items = the step's mean over all items.
             # Across processes (average_tokens_across_devices) the share is of the global count, and the
             # cross-process *mean* of the projected gradients needs the factor num_processes back.
@@ -181,8 +210,10 @@ class MeZOTrainer(Trainer):
         optimizer = self.zo_optimizer
         inputs = self._prepare_inputs(inputs)
         weight, loss_items = self._micro_batch_weight(inputs, num_items_in_batch)
-        if weight == 0.0:  # no labelled item in this micro-batch: it contributes nothing
+        contributes = weight != 0.0  # a micro-batch without labelled items contributes nothing to g...
+        if not contributes and not self._zo_runs_collectives(model):
             return torch.zeros((), device=self.args.device)
+        # ...but a sharded (FSDP2) model runs it anyway: every rank must join every forward's all-gathers.
         model.eval()  # dropout off: both passes must see the same function of θ
         eps = optimizer.eps
         mean_losses = []
@@ -198,6 +229,8 @@ class MeZOTrainer(Trainer):
                     # float64: L₊ − L₋ is a small difference of two close numbers
                     losses.append(loss.detach().double() * weight)
                 loss_plus, loss_minus = losses
+                if not contributes:
+                    continue
                 optimizer.accumulate(direction, (loss_plus - loss_minus) / (2 * eps))
                 if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
                     logger.warning(
@@ -207,7 +240,20 @@ class MeZOTrainer(Trainer):
                 mean_losses.append((loss_plus + loss_minus) / 2)
         finally:
             model.train()  # as the stock training_step leaves it
+        if not mean_losses:
+            return torch.zeros((), device=self.args.device)
         return torch.stack(mean_losses).mean().float().to(self.args.device)
+
+    def _zo_runs_collectives(self, model: nn.Module) -> bool:
+        """Whether each forward is a collective across ranks (FSDP2 shards are all-gathered in it)."""
+        return any(is_sharded(p) for _, p, _ in self.zo_optimizer.named_trainable_parameters())
+
+    def _inner_training_loop(self, *args, **kwargs):
+        # `auto_find_batch_size` re-enters the loop after an out-of-memory error with a smaller batch; the
+        # projected gradients of the abandoned partial step must not leak into the retried step's update.
+        if self.optimizer is not None:
+            self.zo_optimizer.discard_step()
+        return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -218,8 +264,9 @@ class MeZOTrainer(Trainer):
         computed in float32 and L₊ − L₋ keeps its small difference.
         """
         with float32_logits(model, enabled=self.zo["zo_float32_logits"]):
-            if self.objective is not None:
-                return self.objective(model, inputs)
+            objective = self.zo_objective
+            if objective is not None:
+                return objective(model, inputs)
             return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     # The Trainer clips and measures `.grad` before `optimizer.step()`; MeZO has none. Report the projected

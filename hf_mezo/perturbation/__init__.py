@@ -32,17 +32,21 @@ from .state import PassState, PerturbationError
 from .streamed import streaming
 from .whole_forward import held
 
-__all__ = ["PerturbationError", "perturbed", "perturbed_forward"]
+__all__ = ["PerturbationError", "check_perturbable", "perturbed", "perturbed_forward"]
 
 
-def _check_model(model: nn.Module, optimizer, trainable: list[nn.Parameter]) -> None:
+def check_perturbable(model: nn.Module, named_trainable: list[tuple[str, nn.Parameter]]) -> None:
+    """Raise `PerturbationError` (a `ValueError`) if MeZO cannot give these parameters θ ± εz in `model`'s forward.
+
+    Called by `MeZOTrainer` before any work, and by `perturbed` on every pass.
+    """
     if isinstance(model, nn.DataParallel):
         raise PerturbationError(
             "MeZO cannot perturb a model under torch.nn.DataParallel: it copies the parameters to the other GPUs "
             "before any hook runs, so those replicas would evaluate θ instead of θ ± εz. Launch one process per GPU "
             "with `accelerate launch` (or torchrun): processes then exchange n scalars a step."
         )
-    offloaded = [optimizer.param_names[id(p)] for p in trainable if p.is_meta]
+    offloaded = [name for name, p in named_trainable if p.is_meta]
     if offloaded:
         raise PerturbationError(
             f"trainable parameter(s) {offloaded[:3]} are offloaded (meta placeholders, e.g. Accelerate's cpu_offload/"
@@ -68,7 +72,7 @@ def perturbed(model: nn.Module, optimizer, direction: int, scale: float) -> Iter
         with torch.no_grad(), sharded(model, trainable, state):
             yield state.touched
         return
-    _check_model(model, optimizer, trainable)
+    check_perturbable(model, [(names[id(p)], p) for p in trainable])
     plan = plan_for(model, trainable)
     monitor = None if plan.learned else ReadMonitor(state, trainable, names)
     try:

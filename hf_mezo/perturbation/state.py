@@ -18,8 +18,11 @@ import torch
 from torch import nn
 
 
-class PerturbationError(RuntimeError):
-    """A trainable parameter cannot be seen at exactly θ ± εz by the whole forward: g would be wrong."""
+class PerturbationError(ValueError):
+    """A trainable parameter cannot be seen at exactly θ ± εz by the whole forward: g would be wrong.
+
+    A `ValueError`: it is raised for a model or setup MeZO cannot train as given, with the fix named.
+    """
 
 
 class PassState:
