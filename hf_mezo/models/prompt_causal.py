@@ -180,16 +180,23 @@ class PromptCausalLMMixin(PromptLMMixin):
             Each row's last prompt token, whose next-token logits score the classes. Default: the token before the
             single label in `labels`, else the last attended token.
         class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*, keyword):
-            The class of each example. Default: the class whose label word `labels` holds after the prompt.
+            The class of each example. Default: `labels` if it has shape (batch,) (the causal collator's), else the
+            class whose label word causal-LM `labels` (batch, length) hold after the prompt.
         """
         class_labels = kwargs.pop("class_labels", None)
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         label_mode = self.label_word_ids is not None
-        if not label_mode and (class_labels is not None or mask_positions is not None):
+        class_index_labels = labels is not None and labels.dim() == 1
+        if not label_mode and (class_labels is not None or mask_positions is not None or class_index_labels):
             raise ValueError(
-                "Got `class_labels`/`mask_positions` but the model has no label words, so it would return "
-                "full-vocabulary logits and ignore them. Set them first: model.set_label_word_ids(label_word_ids)."
+                "Got `class_labels`/`mask_positions` (or class-index `labels` of shape (batch,)) but the model has no "
+                "label words, so it would return full-vocabulary logits and ignore them. Set them first: "
+                "model.set_label_word_ids(label_word_ids)."
             )
+        if class_index_labels:  # VerbalizerDataCollator(causal=True): `labels` holds the class of each row
+            if class_labels is None:
+                class_labels = labels
+            labels = None
         has_kv_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
         if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and not has_kv_cache:
             position_ids = positions_from_attention_mask(attention_mask)
