@@ -99,3 +99,15 @@ def test_causal_run_with_lora(tiny_causal_dir, tmp_path):
 def test_causal_model_without_prompt_class_is_refused(tiny_causal_dir, tmp_path):
     with pytest.raises(ValueError, match="causal LM .*'llama'.*without --no_label_word_head"):
         import_run_sst2().main(_args(tiny_causal_dir, tmp_path, "--no_label_word_head"))
+
+
+def test_causal_run_with_prefix(tiny_causal_dir, tmp_path):
+    """peft's prefix reaches the model as a KV cache and a mask spanning it: positions and the scored token follow."""
+    from peft import PeftModel
+
+    output_dir = tmp_path / "prefix"
+    metrics = import_run_sst2().main(_args(tiny_causal_dir, output_dir, "--trainer=mezo", "--prefix"))
+    base = LlamaForCausalLM.from_pretrained(tiny_causal_dir)
+    model = PeftModel.from_pretrained(base, output_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_causal_dir)
+    assert metrics["test_accuracy"] == pytest.approx(_hand_accuracy(model, tokenizer))

@@ -230,6 +230,8 @@ class PromptCausalLMMixin(PromptLMMixin):
                 return CausalLMOutputWithPast(loss=loss, logits=logits)
         else:
             kwargs.setdefault("use_cache", False)
+            if "past_key_values" in kwargs and "cache" not in kwargs:  # peft's name; transformers 5 says `cache`
+                kwargs["cache"] = kwargs.pop("past_key_values")
             outputs = self.base_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
