@@ -236,18 +236,19 @@ def load_config(model_args: ModelArguments):
 
 
 def _from_pretrained(model_cls, model_args: ModelArguments):
+    """(model, loading info) from a checkpoint directory, or from the GGUF file `--gguf_file` in it."""
     if model_args.gguf_file is None:
         return model_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
-    # TODO(lead): use hf_mezo.models.gguf (branch issue9-demo) once merged: it loads the dequantized weights into a
-    # plain model (no quantization_config / hf_quantizer), which Trainer.__init__ accepts. Until then, refuse.
+    # TODO(lead): hf_mezo.models.gguf comes with branch issue9-demo; `load_gguf_model(path, model_class)` is its API
+    # as of 13:52 UTC (dequantized weights in a plain model, which Trainer.__init__ accepts). Check it on merge.
     try:
-        from hf_mezo.models import gguf  # noqa: F401
+        from hf_mezo.models.gguf import load_gguf_model
     except ImportError:
         raise ValueError(
-            "--gguf_file needs hf_mezo.models.gguf (the GGUF loader that clears transformers' quantized marker, "
+            "--gguf_file needs hf_mezo.models.gguf (the GGUF loader that drops transformers' quantized marker, "
             "without which the Trainer refuses the model); it is not in this tree yet."
         ) from None
-    raise ValueError("--gguf_file: wire hf_mezo.models.gguf into examples/run_sst2.py::_from_pretrained (TODO).")
+    return load_gguf_model(os.path.join(model_args.model_name_or_path, model_args.gguf_file), model_cls), {}
 
 
 def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) -> PreTrainedModel:

@@ -130,6 +130,8 @@ class PromptCausalLMMixin(PromptLMMixin):
         return layer(hidden, attention_mask=self._layer_mask(inputs, index), position_ids=inputs["position_ids"])
 
     def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids) -> torch.Tensor:
+        if start >= stop:  # everything below the head is cached: no masks or rotary tables to build
+            return hidden
         inputs = self._layer_inputs(hidden, attention_mask, position_ids)
         layers = self._stack_layers()
         for index in range(start, stop):
