@@ -134,10 +134,6 @@ def autocast_state(device: torch.device) -> tuple:
     return (device.type, torch.get_autocast_dtype(device.type))
 
 
-def _row(tensor: torch.Tensor | None, index: int, length: int) -> bytes:
-    return b"" if tensor is None else tensor[index, :length].numpy().tobytes()
-
-
 def cached_frozen_stack(
     cache: DepthCache,
     run_stack: Callable[..., torch.Tensor],
@@ -145,12 +141,19 @@ def cached_frozen_stack(
     attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    trim_leading: bool = False,
 ) -> torch.Tensor:
     """Hidden states (batch, length, hidden) of the frozen stack, served from `cache` where possible.
 
     `run_stack(input_ids=, attention_mask=, token_type_ids=, position_ids=)` computes the frozen stack (embeddings
     and the layers below the cut) for a batch. Only examples not in the cache are computed, as one batch trimmed
     to their longest attended length, and stored; the batch is then assembled from the entries.
+
+    `trim_leading` (causal LMs, whose tokenizers often pad on the left): an entry also starts at the row's first
+    attended position, so a left-padded and a right-padded copy of an example share it. Exact when nothing before
+    that position can reach the stored ones: causal attention never looks ahead, padded positions are masked, and
+    the caller passes position ids counted from the first attended token (part of the key). Missing rows are
+    computed shifted to the left edge; positions outside each row's span are zeros in the result.
     """
     batch, length = input_ids.shape
     if position_ids is not None:
@@ -161,16 +164,23 @@ def cached_frozen_stack(
     )
     attended = None if attention_mask is None else attention_mask.detach().to("cpu").ne(0)
     if attended is None:
-        lengths = [length] * batch
+        starts, ends = [0] * batch, [length] * batch
     else:
-        # One past the last attended position; a row with nothing attended keeps its full length.
-        last = length - attended.flip(1).long().argmax(dim=1)
-        lengths = [int(n) if bool(row.any()) else length for n, row in zip(last, attended)]
+        # [first attended, one past the last attended); a row with nothing attended keeps its full length.
+        any_attended = attended.any(dim=1).tolist()
+        last = (length - attended.flip(1).long().argmax(dim=1)).tolist()
+        first = attended.long().argmax(dim=1).tolist() if trim_leading else [0] * batch
+        starts = [f if a else 0 for f, a in zip(first, any_attended)]
+        ends = [n if a else length for n, a in zip(last, any_attended)]
     context = autocast_state(input_ids.device)
 
-    keys = []
-    for i, n in enumerate(lengths):
-        keys.append((context, n, tuple(_row(t, i, n) for t in (ids, attended, types, positions))))
+    def span(t: torch.Tensor | None, i: int) -> bytes:
+        return b"" if t is None else t[i, starts[i] : ends[i]].numpy().tobytes()
+
+    keys = [
+        (context, ends[i] - starts[i], tuple(span(t, i) for t in (ids, attended, types, positions)))
+        for i in range(batch)
+    ]
     hidden_rows: list[torch.Tensor | None] = [cache.get(key) for key in keys]
 
     missing: dict[Hashable, int] = {}  # key -> first row holding it (a batch may repeat an example)
@@ -178,11 +188,18 @@ def cached_frozen_stack(
         if row is None and key not in missing:
             missing[key] = i
     if missing:
-        rows = torch.tensor(list(missing.values()), device=input_ids.device)
-        width = max(lengths[i] for i in missing.values())
+        rows = list(missing.values())
+        width = max(ends[i] - starts[i] for i in rows)
 
         def select(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.index_select(0, rows)[:, :width]
+            if t is None:
+                return None
+            if not any(starts[i] for i in rows):
+                return t.index_select(0, torch.tensor(rows, device=t.device))[:, :width]
+            shifted = t.new_zeros((len(rows), width))  # each row's span moved to the left edge
+            for j, i in enumerate(rows):
+                shifted[j, : ends[i] - starts[i]] = t[i, starts[i] : ends[i]]
+            return shifted
 
         with torch.no_grad():
             computed = run_stack(
@@ -193,11 +210,17 @@ def cached_frozen_stack(
             )
         fresh = {}
         for j, (key, i) in enumerate(missing.items()):
-            fresh[key] = computed[j, : lengths[i]].clone()
+            fresh[key] = computed[j, : ends[i] - starts[i]].clone()
             cache.put(key, fresh[key], key_bytes=sum(len(part) for part in key[2]))
         hidden_rows = [fresh[key] if row is None else row for key, row in zip(keys, hidden_rows)]
 
-    hidden = pad_sequence(hidden_rows, batch_first=True)
-    if hidden.shape[1] < length:
-        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+    if not any(starts):
+        hidden = pad_sequence(hidden_rows, batch_first=True)
+        if hidden.shape[1] < length:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+        return hidden
+    first_row = hidden_rows[0]
+    hidden = first_row.new_zeros((batch, length, first_row.shape[-1]))
+    for i, row in enumerate(hidden_rows):
+        hidden[i, starts[i] : ends[i]] = row
     return hidden
