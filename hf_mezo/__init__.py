@@ -6,6 +6,10 @@ from .data import load_sst2
 from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
     BertForPromptMaskedLM,
+    GPT2ForPromptCausalLM,
+    LlamaForPromptCausalLM,
+    OPTForPromptCausalLM,
+    Qwen2ForPromptCausalLM,
     RobertaForPromptMaskedLM,
     XLMRobertaForPromptMaskedLM,
     freeze_all_but_top_layers,
@@ -14,11 +18,12 @@ from .objectives import generation_objective, negative_accuracy, negative_f1, to
 from .optimizer import ZerothOrderSGD
 from .perturbation import PerturbationError, perturbed, perturbed_forward
 from .precision import float32_logits
-from .prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
+from .prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
 from .trainer import MeZOTrainer
 
 __all__ = ["MeZOConfig", "MeZOTrainer", "PerturbationError", "ZerothOrderSGD", "perturbed", "perturbed_forward"]
 __all__ += [
+    "CausalPromptTemplate",
     "PromptTemplate",
     "Verbalizer",
     "VerbalizerDataCollator",
@@ -28,6 +33,10 @@ __all__ += [
 ]
 __all__ += [
     "BertForPromptMaskedLM",
+    "GPT2ForPromptCausalLM",
+    "LlamaForPromptCausalLM",
+    "OPTForPromptCausalLM",
+    "Qwen2ForPromptCausalLM",
     "RobertaForPromptMaskedLM",
     "XLMRobertaForPromptMaskedLM",
     "freeze_all_but_top_layers",

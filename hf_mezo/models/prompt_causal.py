@@ -130,6 +130,8 @@ class PromptCausalLMMixin(PromptLMMixin):
         return layer(hidden, attention_mask=self._layer_mask(inputs, index), position_ids=inputs["position_ids"])
 
     def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids) -> torch.Tensor:
+        if start >= stop:  # everything below the head is cached: no masks or rotary tables to build
+            return hidden
         inputs = self._layer_inputs(hidden, attention_mask, position_ids)
         layers = self._stack_layers()
         for index in range(start, stop):
@@ -197,9 +199,11 @@ class PromptCausalLMMixin(PromptLMMixin):
             if class_labels is None:
                 class_labels = labels
             labels = None
-        has_kv_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2 and not has_kv_cache:
-            position_ids = positions_from_attention_mask(attention_mask)
+        reference = input_ids if input_ids is not None else inputs_embeds
+        length = reference.shape[1]
+        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
+            # With a KV cache (a peft prefix, generation) the mask spans cached + new tokens: keep the new ones'.
+            position_ids = positions_from_attention_mask(attention_mask)[:, -length:]
         direct = self._runs_layer_by_layer(input_ids, attention_mask, inputs_embeds, kwargs)
         depth = self._cacheable_depth() if direct else 0
         if not label_mode and depth == 0:
@@ -214,8 +218,7 @@ class PromptCausalLMMixin(PromptLMMixin):
                 **kwargs,
             )
 
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch, length = reference.shape[:2]
+        batch = reference.shape[0]
         head = getattr(self, self._lm_head_name)
         if direct:
             if position_ids is None:
@@ -229,6 +232,8 @@ class PromptCausalLMMixin(PromptLMMixin):
                 return CausalLMOutputWithPast(loss=loss, logits=logits)
         else:
             kwargs.setdefault("use_cache", False)
+            if "past_key_values" in kwargs and "cache" not in kwargs:  # peft's name; transformers 5 says `cache`
+                kwargs["cache"] = kwargs.pop("past_key_values")
             outputs = self.base_model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
@@ -238,7 +243,8 @@ class PromptCausalLMMixin(PromptLMMixin):
                 **{k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict")},
             )
             hidden = outputs.last_hidden_state  # the final norm already applied
-        positions = last_prompt_positions(input_ids, attention_mask, labels, mask_positions, length, batch)
+        new_tokens_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -length:]
+        positions = last_prompt_positions(input_ids, new_tokens_mask, labels, mask_positions, length, batch)
         positions = positions.to(hidden.device)
         features = hidden[torch.arange(batch, device=hidden.device), positions]
         if direct:
