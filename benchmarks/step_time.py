@@ -117,22 +117,11 @@ def timed(fn, repeats: int) -> list[float]:
 
 def count_mezo_draws(trainer, inputs) -> float:
     """Values of z drawn in one MeZO step, per trainable parameter element."""
-    import hf_mezo.optimizer as optimizer_module
+    from hf_mezo import directions
 
-    drawn = 0
-    original = optimizer_module.draw_direction
-
-    def counting(name, numel, **kw):
-        nonlocal drawn
-        out = original(name, numel, **kw)
-        drawn += out.numel()
-        return out
-
-    optimizer_module.draw_direction = counting
-    try:
-        mezo_step(trainer, inputs)
-    finally:
-        optimizer_module.draw_direction = original
+    directions.reset_counters()
+    mezo_step(trainer, inputs)
+    drawn = directions.reset_counters().values
     return drawn / sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
 

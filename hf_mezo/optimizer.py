@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .config import ZO_DISTRIBUTIONS
-from .directions import draw_direction, draw_dtype
+from .directions import add_direction, chunk_numel, draw_direction, draw_dtype
 from .shards import local_shard
 
 
@@ -55,7 +55,8 @@ def applied_direction(param: torch.Tensor, z: torch.Tensor, eps: float) -> torch
 # Warn when more than this share of a low-precision tensor's perturbation rounds away.
 ROUNDED_AWAY_WARN_SHARE = 0.5
 
-# Elements updated at a time (a multiple of the directions' chunk, so blocks never split a seeded chunk).
+# Elements updated at a time, at least one seeded chunk of z and a multiple of it, so that with several
+# directions a block never redraws a chunk that an earlier block already drew.
 UPDATE_BLOCK_NUMEL = 1 << 20
 
 
@@ -192,8 +193,32 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self, param: torch.Tensor, direction: int, scale: float, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         """Elements [start, end) of the flattened θ + scale·z (for streaming large matrices block by block)."""
-        z = self.direction(param, direction, start=start, end=end)
-        return add_scaled(param.reshape(-1)[start:end], z, scale)
+        return self.add_direction(param.reshape(-1)[start:end], param, direction, scale, start)
+
+    def add_direction(
+        self,
+        values: torch.Tensor,
+        param: torch.Tensor,
+        direction: int,
+        scale: float,
+        start: int = 0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """values + scale·z for elements [start, …) of `param`'s flattened z, fused chunk by chunk (see
+        `directions.add_direction`); `out=values` updates in place."""
+        group = self.param_groups[0]
+        return add_direction(
+            values,
+            self.param_names[id(param)],
+            param.numel(),
+            run_seed=group["seed"],
+            step=group["zo_step"],
+            direction=direction,
+            distribution=group["distribution"],
+            scale=scale,
+            start=start,
+            out=out,
+        )
 
     def accumulate(self, direction: int, projected_grad: torch.Tensor) -> None:
         """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
@@ -266,7 +291,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         # Every operation is elementwise and every random number is keyed by its position, so the result is
         # bit-identical to updating the whole tensor at once.
         flat = param.view(-1) if param.is_contiguous() else param
-        block_numel = UPDATE_BLOCK_NUMEL if param.is_contiguous() else param.numel()
+        block_numel = max(UPDATE_BLOCK_NUMEL, chunk_numel(param.device)) if param.is_contiguous() else param.numel()
         for lo in range(0, param.numel(), block_numel):
             block = flat[lo : lo + block_numel] if flat.dim() == 1 else flat
             span = {"start": start + lo, "end": start + lo + block.numel()}
@@ -274,7 +299,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 if decay != 1.0:
                     block.mul_(decay)
                 for direction, alpha in steps:
-                    block.add_(self.direction(full, direction, **span).view_as(block), alpha=alpha)
+                    self.add_direction(block, full, direction, alpha, span["start"], out=block)
                 continue
             # Low-precision weights: accumulate the update in float32, round once, and move each coordinate
             # along the perturbation the passes applied, not along z (see `applied_direction`).
