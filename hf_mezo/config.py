@@ -1,4 +1,7 @@
-"""`MeZOConfig`: the Trainer's arguments plus the zeroth-order knobs.
+"""`MeZOConfig`: the Trainer's arguments plus the zeroth-order knobs, defined once in `ZerothOrderArguments`.
+
+The dataclass mixin `ZerothOrderArguments` holds the `zo_*` fields; any `TrainingArguments` subclass
+composes with it (`MeZOSFTConfig` with TRL's `SFTConfig`, `MeZOSeq2SeqConfig`).
 
 A `TrainingArguments` subclass in the TRL style: every field carries its help text, so the config
 works unchanged with `HfArgumentParser` (`--zo_eps 1e-3 --zo_num_directions 2 ...`).
@@ -111,8 +114,12 @@ def zo_settings(args: TrainingArguments) -> dict[str, Any]:
 
 
 @dataclass
-class MeZOConfig(TrainingArguments):
-    """Arguments for `MeZOTrainer`: everything `TrainingArguments` has, plus the `zo_*` fields.
+class ZerothOrderArguments:
+    """The `zo_*` fields, defined once: a dataclass mixin for any `TrainingArguments` subclass.
+
+    Put it first, `@dataclass class X(ZerothOrderArguments, SomeArguments)` (`MeZOConfig`, `MeZOSFTConfig`,
+    `MeZOSeq2SeqConfig`): the fields follow the parent's, `max_grad_norm` defaults to 0, everything is
+    validated before the parent's `__post_init__`, and `HfArgumentParser` sees them like any other field.
 
     One MeZO step draws a direction z from a seed, evaluates the loss at θ + εz and θ − εz,
     forms the projected gradient g = (L₊ − L₋) / 2ε and updates θ ← θ − lr·(g·z + wd·θ).
@@ -192,3 +199,9 @@ class MeZOConfig(TrainingArguments):
         validate_zo_settings({name: getattr(self, name) for name in ZO_DEFAULTS}, fp16=self.fp16)
         refuse_unsupported_options(self)
         super().__post_init__()
+
+
+@dataclass
+class MeZOConfig(ZerothOrderArguments, TrainingArguments):
+    """Arguments for `MeZOTrainer`: everything `TrainingArguments` has, plus the `zo_*` fields
+    (`ZerothOrderArguments`)."""

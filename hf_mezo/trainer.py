@@ -1,6 +1,8 @@
-"""`MeZOTrainer`: the Hugging Face Trainer with a zeroth-order `training_step`.
+"""`MeZOMixin`: a zeroth-order `training_step` for any Hugging Face Trainer; `MeZOTrainer` = it + `Trainer`.
 
-Only the step changes. For each micro-batch the trainer evaluates `compute_loss` at θ + εz and at
+The mixin composes with any `Trainer` subclass, `class MyTrainer(MeZOMixin, SomeTrainer)`: whatever
+`compute_loss` the subclass has (its own, `Seq2SeqTrainer`'s, TRL's `SFTTrainer`'s through
+`MeZOSFTTrainer`) is what the two passes evaluate. Only the step changes. For each micro-batch the trainer evaluates `compute_loss` at θ + εz and at
 θ − εz (dropout off, no autograd), adds g = (L₊ − L₋) / 2ε to the optimizer's running projected
 gradient and returns (L₊ + L₋) / 2 as the training loss. The Trainer's loop then calls
 `optimizer.step()` once per optimizer step, which regenerates z and applies the update. Data
@@ -40,8 +42,32 @@ from .shards import is_sharded
 logger = logging.get_logger(__name__)
 
 
-class MeZOTrainer(Trainer):
-    """Drop-in replacement for `transformers.Trainer` that trains with MeZO (no backward pass).
+# TRL trainers whose compute_loss MeZO evaluates exactly (MeZOSFTTrainer re-scopes SFTTrainer's fused LM head).
+_VERIFIED_TRL_TRAINERS = {"_BaseTrainer", "BaseTrainer", "SFTTrainer"}
+
+
+def _refuse_unverified_trl_parents(cls: type) -> None:
+    """Refuse a TRL trainer MeZO is not known to perturb exactly, before any work (by name: TRL is not imported)."""
+    trl_parents = [c.__name__ for c in cls.__mro__ if c.__module__.split(".")[0] == "trl"]
+    unverified = [name for name in trl_parents if name not in _VERIFIED_TRL_TRAINERS]
+    if unverified:
+        raise TypeError(
+            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: TRL's "
+            "preference/RL trainers compute their loss through a fused float32 LM-head kernel, with reference models "
+            "or generation, that MeZO's two perturbed passes are not verified to evaluate exactly. Supported: "
+            "hf_mezo.MeZOSFTTrainer (TRL's SFTTrainer), MeZOSeq2SeqTrainer, and your own transformers.Trainer "
+            "subclasses via `class X(MeZOMixin, YourTrainer)`."
+        )
+    if "SFTTrainer" in trl_parents and not any(c.__name__ == "MeZOSFTTrainer" for c in cls.__mro__):
+        raise TypeError(
+            f"{cls.__name__} composes MeZOMixin with TRL's SFTTrainer directly; its fused LM head must be answered "
+            "by the model's own forward for MeZO to be exact, which MeZOSFTTrainer does. Use hf_mezo.MeZOSFTTrainer, "
+            "or `class X(MeZOSFTTrainer, YourSFTTrainer)` for your own subclass."
+        )
+
+
+class MeZOMixin:
+    """MeZO (no backward pass) for a `Trainer` subclass: put it first, `class X(MeZOMixin, SomeTrainer)`.
 
     Accepts a `MeZOConfig`, or plain `TrainingArguments` (then the paper's MeZO defaults apply:
     ε = 1e-3, one Gaussian direction per step). An optimizer passed through `optimizers=` must be a
@@ -58,8 +84,11 @@ class MeZOTrainer(Trainer):
         **kwargs,
     ):
         if args is None:
-            raise ValueError("MeZOTrainer needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set.")
+            raise ValueError(
+                f"{type(self).__name__} needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set."
+            )
         zo = zo_settings(args)  # validates before any work
+        _refuse_unverified_trl_parents(type(self))
         refuse_unsupported_options(args)
         if args.n_gpu > 1:
             raise ValueError(
@@ -74,22 +103,22 @@ class MeZOTrainer(Trainer):
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
             raise TypeError(
-                f"MeZOTrainer got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
+                f"{type(self).__name__} got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
                 "Pass a hf_mezo.ZerothOrderSGD, or leave `optimizers` unset to get one from the config."
             )
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             cls = kwargs["optimizer_cls_and_kwargs"][0]
             if not (isinstance(cls, type) and issubclass(cls, ZerothOrderSGD)):
                 raise TypeError(
-                    f"MeZOTrainer got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
+                    f"{type(self).__name__} got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
                 )
-        if model is not None and zo["zo_train_top_layers"] is not None:
+        if isinstance(model, nn.Module) and zo["zo_train_top_layers"] is not None:
             freeze_all_but_top_layers(model, zo["zo_train_top_layers"])
-        if model is not None:
+        if isinstance(model, nn.Module):
             check_perturbable(model, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
-        if model is not None and not any(p.requires_grad for p in model.parameters()):
+        if isinstance(model, nn.Module) and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
-                "MeZOTrainer got a model with no trainable parameters (requires_grad=False everywhere). "
+                f"{type(self).__name__} got a model with no trainable parameters (requires_grad=False everywhere). "
                 "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
             )
         super().__init__(model, args, *pargs, **kwargs)
@@ -141,7 +170,9 @@ class MeZOTrainer(Trainer):
         while not isinstance(optimizer, ZerothOrderSGD):
             inner = getattr(optimizer, "optimizer", None)
             if inner is None:
-                raise TypeError(f"MeZOTrainer's optimizer is {type(self.optimizer).__name__}, not a ZerothOrderSGD.")
+                raise TypeError(
+                    f"{type(self).__name__}'s optimizer is {type(self.optimizer).__name__}, not a ZerothOrderSGD."
+                )
             optimizer = inner
         return optimizer
 
@@ -303,3 +334,10 @@ class MeZOTrainer(Trainer):
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         self.check_rank_consistency("evaluation")
         return super().evaluate(*args, **kwargs)
+
+
+class MeZOTrainer(MeZOMixin, Trainer):
+    """Drop-in replacement for `transformers.Trainer` that trains with MeZO (no backward pass).
+
+    See `MeZOMixin` for the arguments, `MeZOConfig` for the `zo_*` settings.
+    """
