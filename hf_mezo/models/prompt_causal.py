@@ -33,6 +33,7 @@ from transformers.utils.generic import can_return_tuple
 from .depth_cache import cached_frozen_stack
 from .label_words import IGNORE_INDEX, class_targets
 from .prompt_lm import PromptLMMixin
+from .shared_prefix import SharedPrefixMixin
 
 # Forward keywords the layer-by-layer path understands; any other non-empty keyword goes to the stock forward.
 _DIRECT_KWARGS = frozenset({"use_cache", "return_dict", "logits_to_keep"})
@@ -86,7 +87,7 @@ def last_prompt_positions(
     return (length - 1 - attended.flip(1).long().argmax(dim=1)).long()
 
 
-class PromptCausalLMMixin(PromptLMMixin):
+class PromptCausalLMMixin(SharedPrefixMixin, PromptLMMixin):
     """The label-word head and the depth cache, for a `transformers` decoder-only LM.
 
     Constructor arguments as `PromptLMMixin` (`label_word_ids`, `depth_cache_max_bytes`). Extra forward inputs:
@@ -108,8 +109,13 @@ class PromptCausalLMMixin(PromptLMMixin):
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _layer_inputs(self, hidden, attention_mask, position_ids) -> dict:
-        """What every layer needs besides its hidden states: the causal masks (by layer type) and positions."""
+    def _layer_inputs(self, hidden, attention_mask, position_ids, masks=None, cache=None) -> dict:
+        """What every layer needs besides its hidden states: the causal masks (by layer type) and positions.
+
+        `masks`/`cache` (shared-prefix path): a prepared 4-D mask for every layer, and the KV cache to read/extend.
+        """
+        if masks is not None:
+            return {"masks": {"full_attention": masks}, "position_ids": position_ids, "cache": cache}
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": hidden,
@@ -120,18 +126,27 @@ class PromptCausalLMMixin(PromptLMMixin):
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        return {"masks": masks, "position_ids": position_ids}
+        return {"masks": masks, "position_ids": position_ids, "cache": cache}
 
     def _layer_mask(self, inputs: dict, index: int):
         layer_types = getattr(self.config, "layer_types", None)
         return inputs["masks"][layer_types[index] if layer_types else "full_attention"]
 
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-        return layer(hidden, attention_mask=self._layer_mask(inputs, index), position_ids=inputs["position_ids"])
+        return layer(
+            hidden,
+            attention_mask=self._layer_mask(inputs, index),
+            position_ids=inputs["position_ids"],
+            cache=inputs["cache"],
+        )
 
-    def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids) -> torch.Tensor:
+    def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids, input_ids=None) -> torch.Tensor:
         if start >= stop:  # everything below the head is cached: no masks or rotary tables to build
             return hidden
+        plan = self._shared_prefix_plan(input_ids, attention_mask, position_ids)
+        self.shared_prefix_stats["layer_runs"] += 1
+        if plan is not None:
+            return self._run_layers_shared(start, stop, hidden, position_ids, plan)
         inputs = self._layer_inputs(hidden, attention_mask, position_ids)
         layers = self._stack_layers()
         for index in range(start, stop):
@@ -155,7 +170,7 @@ class PromptCausalLMMixin(PromptLMMixin):
 
         def run_frozen_stack(input_ids, attention_mask, token_type_ids, position_ids):
             hidden = self._embed(input_ids, position_ids)
-            return self._run_layers(0, depth, hidden, attention_mask, position_ids)
+            return self._run_layers(0, depth, hidden, attention_mask, position_ids, input_ids)
 
         if depth:
             hidden = cached_frozen_stack(
@@ -163,7 +178,7 @@ class PromptCausalLMMixin(PromptLMMixin):
             )
         else:
             hidden = self._embed(input_ids, position_ids)
-        return self._run_layers(depth, len(self._stack_layers()), hidden, attention_mask, position_ids)
+        return self._run_layers(depth, len(self._stack_layers()), hidden, attention_mask, position_ids, input_ids)
 
     @can_return_tuple
     def forward(
@@ -274,8 +289,8 @@ class _RotaryDecoderMixin(PromptCausalLMMixin):
     def _embed(self, input_ids, position_ids):
         return self.model.embed_tokens(input_ids)
 
-    def _layer_inputs(self, hidden, attention_mask, position_ids) -> dict:
-        inputs = super()._layer_inputs(hidden, attention_mask, position_ids)
+    def _layer_inputs(self, hidden, attention_mask, position_ids, masks=None, cache=None) -> dict:
+        inputs = super()._layer_inputs(hidden, attention_mask, position_ids, masks, cache)
         inputs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=position_ids)
         return inputs
 
@@ -285,6 +300,7 @@ class _RotaryDecoderMixin(PromptCausalLMMixin):
             attention_mask=self._layer_mask(inputs, index),
             position_ids=inputs["position_ids"],
             position_embeddings=inputs["position_embeddings"],
+            cache=inputs["cache"],
         )
 
     def _final_norm(self, hidden):
