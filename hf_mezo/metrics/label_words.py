@@ -9,8 +9,9 @@ distributed-aware. What arrives depends on the model kind:
   id found there gives the class. Gathering full-vocab logits of every eval batch would cost
   batch·seq·vocab floats per batch (≈ 25 MB for 16×8×50k), so `preprocess_logits_for_metrics`
   shrinks them on the fly to the label words at the mask: (batch, classes);
-- **label-word head**: class logits (batch, classes) already; the class comes from ``class_labels``
-  (batch,) if the Trainer passes them, or from the MLM labels as above.
+- **label-word head** (prompt masked and causal LMs): class logits (batch, classes) already; the class
+  comes from ``class_labels`` (batch,) if the Trainer passes them, from the causal collator's ``labels``
+  (class indices, batch,), or from the MLM labels as above.
 """
 
 from __future__ import annotations

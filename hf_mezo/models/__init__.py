@@ -1,8 +1,16 @@
-"""Prompt masked LMs for MeZO: a label-word head at the mask and an exact cache of the frozen bottom layers."""
+"""Prompt LMs for MeZO (masked and causal): a label-word head and an exact cache of the frozen bottom layers."""
 
 from .depth_cache import DepthCache
 from .freezing import encoder_layers, freeze_all_but_top_layers
 from .label_words import LabelWordDecoder
+from .prompt_causal import (
+    GPT2ForPromptCausalLM,
+    LlamaForPromptCausalLM,
+    OPTForPromptCausalLM,
+    PromptCausalLMMixin,
+    Qwen2ForPromptCausalLM,
+)
+from .prompt_lm import PromptLMMixin
 from .prompt_mlm import (
     BertForPromptMaskedLM,
     PromptMaskedLMMixin,
@@ -13,8 +21,14 @@ from .prompt_mlm import (
 __all__ = [
     "BertForPromptMaskedLM",
     "DepthCache",
+    "GPT2ForPromptCausalLM",
     "LabelWordDecoder",
+    "LlamaForPromptCausalLM",
+    "OPTForPromptCausalLM",
+    "PromptCausalLMMixin",
+    "PromptLMMixin",
     "PromptMaskedLMMixin",
+    "Qwen2ForPromptCausalLM",
     "RobertaForPromptMaskedLM",
     "XLMRobertaForPromptMaskedLM",
     "encoder_layers",

@@ -23,6 +23,13 @@ by PyTorch's design: an in-place op on `p.data` (`p.data.add_(…)`) bypasses th
 write below the cut call `clear()`. MeZO's own perturbation swaps `.data` of trainable parameters only, which
 lie above the cut by definition.
 
+Tensors are not all a frozen stack's state: a LayerNorm's `eps`, peft's LoRA `scaling` (`set_scale`), its
+active and disabled adapters, a module's `training` flag are plain Python attributes. The fingerprint
+therefore also covers every module's non-tensor attributes below the cut (`module_state_fingerprint`):
+numbers, strings, booleans, None, dtypes, devices, and lists/tuples/sets/dicts of those. Not covered, and
+documented as such: state held in other objects a module merely references (a `config` object read at run
+time, a closure), and Python globals. After changing such state below the cut, call `clear()`.
+
 Entries also record the autocast state they were computed under, so bf16-autocast and fp32 forwards never
 serve each other. Memory is bounded by `max_bytes` with least-recently-used eviction.
 """
@@ -127,15 +134,50 @@ def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     )
 
 
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+# nn.Module bookkeeping (tensors and submodules are fingerprinted elsewhere; hooks are not state of the computation
+# MeZO changes, and the perturbation's own hooks come and go on every pass).
+_SKIPPED_ATTRIBUTES = frozenset(
+    {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_is_full_backward_hook"}
+    | {"_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs"}
+    | {"_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"}
+    | {"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"}
+    | {"training", "forward", "_old_forward", "_zo_perturbation_plan", "_compiled_call_impl"}
+)
+
+
+def _plain_value(value, depth: int = 0):
+    """A hashable copy of `value` if it is plain data (scalars and small containers of them), else None."""
+    if isinstance(value, _SCALARS):
+        return value
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_plain_value(v, depth + 1) for v in value))
+    if depth < 3 and isinstance(value, (set, frozenset)):
+        return ("set", *sorted(repr(_plain_value(v, depth + 1)) for v in value))
+    if depth < 3 and isinstance(value, dict):
+        return ("dict", *sorted((repr(k), repr(_plain_value(v, depth + 1))) for k, v in value.items()))
+    return None
+
+
+def module_state_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
+    """The plain-data attributes of every module (and submodule) in `modules`: norm eps, peft scaling, ..."""
+    state = []
+    for root in modules:
+        for module in root.modules():
+            attributes = tuple(
+                (key, _plain_value(value))
+                for key, value in sorted(vars(module).items())
+                if key not in _SKIPPED_ATTRIBUTES and not callable(value) and _plain_value(value) is not None
+            )
+            state.append((id(module), type(module).__qualname__, attributes))
+    return tuple(state)
+
+
 def autocast_state(device: torch.device) -> tuple:
     """The autocast setting a computation on `device` runs under: part of every entry's key."""
     if not torch.is_autocast_enabled(device.type):
         return (device.type, None)
     return (device.type, torch.get_autocast_dtype(device.type))
-
-
-def _row(tensor: torch.Tensor | None, index: int, length: int) -> bytes:
-    return b"" if tensor is None else tensor[index, :length].numpy().tobytes()
 
 
 def cached_frozen_stack(
@@ -145,12 +187,19 @@ def cached_frozen_stack(
     attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor | None,
     position_ids: torch.Tensor | None,
+    trim_leading: bool = False,
 ) -> torch.Tensor:
     """Hidden states (batch, length, hidden) of the frozen stack, served from `cache` where possible.
 
     `run_stack(input_ids=, attention_mask=, token_type_ids=, position_ids=)` computes the frozen stack (embeddings
     and the layers below the cut) for a batch. Only examples not in the cache are computed, as one batch trimmed
     to their longest attended length, and stored; the batch is then assembled from the entries.
+
+    `trim_leading` (causal LMs, whose tokenizers often pad on the left): an entry also starts at the row's first
+    attended position, so a left-padded and a right-padded copy of an example share it. Exact when nothing before
+    that position can reach the stored ones: causal attention never looks ahead, padded positions are masked, and
+    the caller passes position ids counted from the first attended token (part of the key). Missing rows are
+    computed shifted to the left edge; positions outside each row's span are zeros in the result.
     """
     batch, length = input_ids.shape
     if position_ids is not None:
@@ -161,16 +210,23 @@ def cached_frozen_stack(
     )
     attended = None if attention_mask is None else attention_mask.detach().to("cpu").ne(0)
     if attended is None:
-        lengths = [length] * batch
+        starts, ends = [0] * batch, [length] * batch
     else:
-        # One past the last attended position; a row with nothing attended keeps its full length.
-        last = length - attended.flip(1).long().argmax(dim=1)
-        lengths = [int(n) if bool(row.any()) else length for n, row in zip(last, attended)]
+        # [first attended, one past the last attended); a row with nothing attended keeps its full length.
+        any_attended = attended.any(dim=1).tolist()
+        last = (length - attended.flip(1).long().argmax(dim=1)).tolist()
+        first = attended.long().argmax(dim=1).tolist() if trim_leading else [0] * batch
+        starts = [f if a else 0 for f, a in zip(first, any_attended)]
+        ends = [n if a else length for n, a in zip(last, any_attended)]
     context = autocast_state(input_ids.device)
 
-    keys = []
-    for i, n in enumerate(lengths):
-        keys.append((context, n, tuple(_row(t, i, n) for t in (ids, attended, types, positions))))
+    def span(t: torch.Tensor | None, i: int) -> bytes:
+        return b"" if t is None else t[i, starts[i] : ends[i]].numpy().tobytes()
+
+    keys = [
+        (context, ends[i] - starts[i], tuple(span(t, i) for t in (ids, attended, types, positions)))
+        for i in range(batch)
+    ]
     hidden_rows: list[torch.Tensor | None] = [cache.get(key) for key in keys]
 
     missing: dict[Hashable, int] = {}  # key -> first row holding it (a batch may repeat an example)
@@ -178,11 +234,18 @@ def cached_frozen_stack(
         if row is None and key not in missing:
             missing[key] = i
     if missing:
-        rows = torch.tensor(list(missing.values()), device=input_ids.device)
-        width = max(lengths[i] for i in missing.values())
+        rows = list(missing.values())
+        width = max(ends[i] - starts[i] for i in rows)
 
         def select(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.index_select(0, rows)[:, :width]
+            if t is None:
+                return None
+            if not any(starts[i] for i in rows):
+                return t.index_select(0, torch.tensor(rows, device=t.device))[:, :width]
+            shifted = t.new_zeros((len(rows), width))  # each row's span moved to the left edge
+            for j, i in enumerate(rows):
+                shifted[j, : ends[i] - starts[i]] = t[i, starts[i] : ends[i]]
+            return shifted
 
         with torch.no_grad():
             computed = run_stack(
@@ -193,11 +256,17 @@ def cached_frozen_stack(
             )
         fresh = {}
         for j, (key, i) in enumerate(missing.items()):
-            fresh[key] = computed[j, : lengths[i]].clone()
+            fresh[key] = computed[j, : ends[i] - starts[i]].clone()
             cache.put(key, fresh[key], key_bytes=sum(len(part) for part in key[2]))
         hidden_rows = [fresh[key] if row is None else row for key, row in zip(keys, hidden_rows)]
 
-    hidden = pad_sequence(hidden_rows, batch_first=True)
-    if hidden.shape[1] < length:
-        hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+    if not any(starts):
+        hidden = pad_sequence(hidden_rows, batch_first=True)
+        if hidden.shape[1] < length:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, length - hidden.shape[1]))
+        return hidden
+    first_row = hidden_rows[0]
+    hidden = first_row.new_zeros((batch, length, first_row.shape[-1]))
+    for i, row in enumerate(hidden_rows):
+        hidden[i, starts[i] : ends[i]] = row
     return hidden

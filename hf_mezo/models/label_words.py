@@ -154,9 +154,11 @@ def label_word_loss(
     mean over the whole batch.
     """
     targets = targets.to(class_logits.device)
+    if class_logits.dtype != torch.float64:  # half-precision logits: the loss in float32; float64 stays float64
+        class_logits = class_logits.float()
     if num_items_in_batch is None:
-        return F.cross_entropy(class_logits.float(), targets, ignore_index=IGNORE_INDEX)
-    total = F.cross_entropy(class_logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(class_logits, targets, ignore_index=IGNORE_INDEX)
+    total = F.cross_entropy(class_logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
     if isinstance(num_items_in_batch, torch.Tensor):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return total / num_items_in_batch

@@ -17,8 +17,6 @@ travel in the config (`config.label_word_ids`, `config.mask_token_id`), which th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 from torch.nn import CrossEntropyLoss
@@ -27,39 +25,13 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils.generic import can_return_tuple
 
-from .depth_cache import DEFAULT_MAX_BYTES, DepthCache, cached_frozen_stack, tensor_fingerprint
+from .depth_cache import cached_frozen_stack
 from .freezing import encoder_layers
-from .label_words import (
-    LabelWordDecoder,
-    class_targets,
-    find_mask_positions,
-    label_word_loss,
-    validate_label_word_ids,
-)
+from .label_words import class_targets, find_mask_positions
+from .prompt_lm import PromptLMMixin, gathers_parameters
 
 
-def _sharded_parameter_types() -> tuple[type, ...]:
-    try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without torch.distributed
-        return ()
-    return FSDPModule, FullyShardedDataParallel, DTensor
-
-
-def _gathers_parameters(module: nn.Module) -> bool:
-    """Whether `module` holds sharded parameters that hooks around its forward gather (FSDP 1/2, ZeRO-3).
-
-    Such a module must run whole, and on every rank alike: calling its children directly would read shards,
-    and a cache hit on one rank with a miss on another would leave the others waiting in its collectives.
-    """
-    types = _sharded_parameter_types()
-    if any(isinstance(m, types) for m in module.modules()):
-        return True
-    return any(isinstance(p, types) or hasattr(p, "ds_id") for p in module.parameters())
-
-
-class PromptMaskedLMMixin:
+class PromptMaskedLMMixin(PromptLMMixin):
     """The label-word head and the depth cache, for a `transformers` masked LM of the BERT family.
 
     Extra constructor (and `from_pretrained`) arguments:
@@ -75,81 +47,13 @@ class PromptMaskedLMMixin:
 
     _lm_head_name: str  # attribute holding the head whose forward maps hidden states to vocabulary logits
 
-    def __init__(
-        self,
-        config,
-        *args,
-        label_word_ids: Sequence[int] | None = None,
-        mask_token_id: int | None = None,
-        depth_cache_max_bytes: int = DEFAULT_MAX_BYTES,
-        **kwargs,
-    ):
-        super().__init__(config, *args, **kwargs)
-        self._wrap_decoder()
-        self.depth_cache = DepthCache(depth_cache_max_bytes)
-        self._label_word_tensors: dict[torch.device, torch.Tensor] = {}
-        self.set_label_word_ids(
-            label_word_ids if label_word_ids is not None else getattr(config, "label_word_ids", None),
-            mask_token_id=mask_token_id if mask_token_id is not None else getattr(config, "mask_token_id", None),
-        )
+    def _stack_layers(self) -> nn.ModuleList:
+        return encoder_layers(self)
 
-    # ---- label words --------------------------------------------------------------------------------------
-
-    @property
-    def label_word_ids(self) -> list[int] | None:
-        """The label word of each class (vocabulary ids), or None for the stock full-vocabulary head."""
-        return getattr(self.config, "label_word_ids", None)
-
-    def set_label_word_ids(self, label_word_ids: Sequence[int] | None, mask_token_id: int | None = None) -> None:
-        """Switch the head to class logits over `label_word_ids` (one id per class); None restores the stock head.
-
-        Both values are stored in the config, so they are saved with the model and restored by `from_pretrained`.
-        """
-        self.config.label_word_ids = validate_label_word_ids(label_word_ids, self.config.vocab_size)
-        if mask_token_id is not None:
-            if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < self.config.vocab_size:
-                raise ValueError(
-                    f"mask_token_id must be a token id in [0, {self.config.vocab_size}), got {mask_token_id!r}; "
-                    "pass tokenizer.mask_token_id."
-                )
-            self.config.mask_token_id = mask_token_id
-        self._label_word_tensors = {}
-
-    def _label_word_tensor(self, device: torch.device) -> torch.Tensor:
-        if device not in self._label_word_tensors:
-            self._label_word_tensors[device] = torch.tensor(self.label_word_ids, dtype=torch.long, device=device)
-        return self._label_word_tensors[device]
-
-    def _wrap_decoder(self) -> None:
-        """Put the decoder in a LabelWordDecoder that holds the same Parameter objects, in place.
-
-        Not through `set_output_embeddings`: BERT's also makes the head's own `bias` the decoder's bias object,
-        a tie that `from_pretrained` does itself after loading; made before, it leaves a checkpoint without an
-        MLM head with that bias uninitialized (on the meta device).
-        """
-        decoder = self.get_output_embeddings()
-        for module in self.modules():
-            for child_name, child in module.named_children():
-                if child is decoder:
-                    setattr(module, child_name, LabelWordDecoder.from_linear(decoder))
-                    return
-        raise TypeError(f"{type(self).__name__}: the output embeddings are not a submodule; cannot wrap them.")
-
-    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
-        if not isinstance(new_embeddings, LabelWordDecoder):
-            new_embeddings = LabelWordDecoder.from_linear(new_embeddings)
-        super().set_output_embeddings(new_embeddings)
+    def _embedding_modules(self) -> list[nn.Module]:
+        return [self.base_model.embeddings]
 
     # ---- encoder: stock modules, run layer by layer ------------------------------------------------------------
-
-    def frozen_depth(self) -> int:
-        """Encoder layers below the first one holding a trainable parameter (0 if the embeddings train)."""
-        if any(p.requires_grad for p in self.base_model.embeddings.parameters()):
-            return 0
-        for index, layer in enumerate(encoder_layers(self)):
-            if any(p.requires_grad for p in layer.parameters()):
-                return index
-        return len(encoder_layers(self))
 
     def _runs_layer_by_layer(self, input_ids, attention_mask, inputs_embeds, encoder_hidden_states, kwargs) -> bool:
         """Whether this call may run the encoder's modules directly (else: the stock base model's forward)."""
@@ -160,26 +64,6 @@ class PromptMaskedLMMixin:
         requested = [k for k, v in kwargs.items() if v is not None and v is not False]
         # Per-layer outputs (or packed-sequence kwargs) are the stock forward's business.
         return not (requested or self.config.output_attentions or self.config.output_hidden_states)
-
-    def _cacheable_depth(self) -> int:
-        """The depth the cache may serve for this call: 0 unless every condition for exactness holds."""
-        if not self.depth_cache.enabled:
-            return 0
-        if getattr(self, "_is_replica", False) or torch.jit.is_tracing() or torch.compiler.is_compiling():
-            return 0  # nn.DataParallel rebuilds its replicas every forward; tracing must see the full graph
-        depth = self.frozen_depth()
-        if depth == 0:
-            self.depth_cache.validate((0,), ())  # everything trains: release the entries
-            return 0
-        frozen = [self.base_model.embeddings, *encoder_layers(self)[:depth]]
-        if isinstance(self, _sharded_parameter_types()) or any(_gathers_parameters(m) for m in frozen):
-            return 0  # sharded training (FSDP, ZeRO-3): each rank must run every layer's collectives
-        if any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for module in frozen for m in module.modules()):
-            return 0  # active dropout makes the frozen stack random: nothing to reuse
-        tensors = [t for module in frozen for t in (*module.parameters(), *module.buffers())]
-        fingerprint = (depth, self.config._attn_implementation, tensor_fingerprint(tensors))
-        self.depth_cache.validate(fingerprint, tensors)
-        return depth
 
     def _attention_mask(self, hidden, attention_mask):
         return create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask)
@@ -217,7 +101,7 @@ class PromptMaskedLMMixin:
         last = top[-1]
         if query_positions is None:
             return last(hidden, mask, position_ids=position_ids)
-        if _gathers_parameters(last):  # a sharded layer runs whole
+        if gathers_parameters(last):  # a sharded layer runs whole
             return last(hidden, mask, position_ids=position_ids)[rows, query_positions]
         # The stock layer's forward, with everything after self-attention at the queried positions only.
         attended, _ = last.attention.self(hidden, attention_mask=mask, position_ids=position_ids)
@@ -309,17 +193,9 @@ class PromptMaskedLMMixin:
                 loss = CrossEntropyLoss()(logits.view(-1, self.config.vocab_size), labels.view(-1))
             return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
-        label_words = self._label_word_tensor(features.device)
-        decoder = self.get_output_embeddings()
-        if not isinstance(decoder, LabelWordDecoder):
-            raise TypeError(
-                f"The output embeddings are a {type(decoder).__name__}; the label-word head needs a "
-                "LabelWordDecoder. Replace them with `model.set_output_embeddings(...)`, which wraps them."
-            )
-        with decoder.restricted_to(label_words):
-            logits = head(features)  # the stock head's own forward: transform, then the label-word rows
+        logits, label_words = self._label_word_logits(head, features)  # transform, then the label-word rows
         targets = class_targets(label_words, positions, labels, class_labels)
-        loss = None if targets is None else label_word_loss(logits, targets, num_items_in_batch)
+        loss = self._label_word_loss(logits, targets, num_items_in_batch)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=hidden_states, attentions=attentions)
 
 

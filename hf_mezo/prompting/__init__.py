@@ -1,7 +1,7 @@
-"""Prompt-based classification with a masked LM: template, verbalizer, and the collator joining them."""
+"""Prompt-based classification with a masked or causal LM: template, verbalizer, and the collator joining them."""
 
 from .collator import VerbalizerDataCollator
-from .template import PromptEncoding, PromptTemplate
+from .template import CausalPromptTemplate, PromptEncoding, PromptTemplate
 from .verbalizer import Verbalizer
 
-__all__ = ["PromptEncoding", "PromptTemplate", "Verbalizer", "VerbalizerDataCollator"]
+__all__ = ["CausalPromptTemplate", "PromptEncoding", "PromptTemplate", "Verbalizer", "VerbalizerDataCollator"]

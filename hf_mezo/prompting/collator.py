@@ -1,4 +1,4 @@
-"""`VerbalizerDataCollator`: raw rows (sentence, label) → a padded cloze batch for a masked LM.
+"""`VerbalizerDataCollator`: raw rows (sentence, label) → a padded prompt batch for a masked or causal LM.
 
 The batch serves both model kinds without a conversion step:
 
@@ -8,6 +8,12 @@ The batch serves both model kinds without a conversion step:
 - a label-word head model also gets ``class_labels`` (the class index) and ``mask_positions`` (the
   index of the mask token in each row) when ``return_class_labels=True``. They are off by default so
   that a stock model, whose ``forward`` does not accept them, gets only what it accepts.
+
+For a causal LM (a `CausalPromptTemplate`, or ``causal=True``, the default for a tokenizer without a mask
+token) the prompt ends where the label word would follow, ``labels`` is the class index (batch,) — what the
+causal prompt LMs (`hf_mezo.models.LlamaForPromptCausalLM`, ...) take, and what `compute_metrics` reads — and
+``mask_positions`` is each row's last prompt token. Rows pad on the tokenizer's ``padding_side``; the model
+counts position ids from each row's first attended token, so a row's scores do not depend on its padding.
 
 Use it as the Trainer's ``data_collator`` with ``remove_unused_columns=False``: the Trainer would
 otherwise drop the ``sentence`` column, which no model's ``forward`` names, before the collator sees it.
@@ -21,7 +27,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .template import PromptTemplate
+from .template import CausalPromptTemplate, PromptTemplate
 from .verbalizer import Verbalizer
 
 # `tokenizer.model_max_length` for tokenizers that declare no limit (transformers' VERY_LARGE_INTEGER).
@@ -44,6 +50,8 @@ class VerbalizerDataCollator:
             ``{"sentence": "text"}`` for a dataset whose sentence column is ``text``.
         return_class_labels: also return ``class_labels`` and ``mask_positions`` (for a label-word
             head model; a stock masked LM does not accept them).
+        causal: build prompts for a causal LM (see the module docstring). None: causal when `template` is a
+            `CausalPromptTemplate` or the tokenizer has no mask token.
 
     Returns from ``__call__``: ``input_ids``, ``attention_mask``, ``token_type_ids`` (only if the
     tokenizer's model uses them), ``labels``, and optionally ``class_labels``, ``mask_positions``;
@@ -59,9 +67,14 @@ class VerbalizerDataCollator:
         pad_to_multiple_of: int | None = None,
         column_map: Mapping[str, str] | None = None,
         return_class_labels: bool = False,
+        causal: bool | None = None,
     ):
         self.tokenizer = tokenizer
-        self.template = template if isinstance(template, PromptTemplate) else PromptTemplate(template)
+        if causal is None:
+            causal = isinstance(template, CausalPromptTemplate) or tokenizer.mask_token_id is None
+        self.causal = causal
+        template_class = CausalPromptTemplate if causal else PromptTemplate
+        self.template = template if type(template) is template_class else template_class(template)
         self.verbalizer = verbalizer if isinstance(verbalizer, Verbalizer) else Verbalizer(verbalizer, tokenizer)
         if max_length is None and tokenizer.model_max_length < _NO_LIMIT:
             max_length = tokenizer.model_max_length
@@ -71,7 +84,8 @@ class VerbalizerDataCollator:
             raise ValueError(f"pad_to_multiple_of must be a positive integer or None, got {pad_to_multiple_of!r}.")
         if tokenizer.pad_token_id is None:
             raise ValueError(
-                f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token first."
+                f"{type(tokenizer).__name__} {tokenizer.name_or_path!r} has no pad token; set tokenizer.pad_token "
+                "first (for a causal LM, tokenizer.pad_token = tokenizer.eos_token: padded positions are masked)."
             )
         unknown = set(column_map or {}) - set(COLUMNS)
         if unknown:
@@ -90,7 +104,7 @@ class VerbalizerDataCollator:
 
     def __repr__(self) -> str:
         return (
-            f"VerbalizerDataCollator(template={self.template!r}, verbalizer={self.verbalizer!r}, "
+            f"VerbalizerDataCollator(template={self.template!r}, verbalizer={self.verbalizer!r}, causal={self.causal}, "
             f"max_length={self.max_length}, return_class_labels={self.return_class_labels})"
         )
 
@@ -131,9 +145,11 @@ class VerbalizerDataCollator:
             token_type_ids[row, start : start + n] = torch.tensor(encoding.token_type_ids)
             mask_positions[row] = start + encoding.mask_position
         class_labels = torch.tensor(class_labels, dtype=torch.long)
-        rows = torch.arange(batch_size)
-        labels = torch.full((batch_size, length), -100, dtype=torch.long)
-        labels[rows, mask_positions] = torch.tensor(self.verbalizer.token_ids)[class_labels]
+        if self.causal:
+            labels = class_labels.clone()  # the label word follows the prompt: nothing to mark inside it
+        else:
+            labels = torch.full((batch_size, length), -100, dtype=torch.long)
+            labels[torch.arange(batch_size), mask_positions] = torch.tensor(self.verbalizer.token_ids)[class_labels]
 
         batch = {"input_ids": input_ids, "attention_mask": attention_mask}
         if self.return_token_type_ids:

@@ -1,4 +1,5 @@
-"""`PromptTemplate`: a cloze prompt around one sentence, with exactly one mask to fill.
+"""`PromptTemplate`: a cloze prompt around one sentence, with exactly one mask to fill; `CausalPromptTemplate`:
+the same spellings read for a causal LM, the label word following the prompt.
 
 Two spellings are accepted and mean the same thing:
 
@@ -275,3 +276,93 @@ def _parse_readable(template: str) -> list[Part]:
             )
     parts.append(Special("sep", new_segment=True))
     return parts
+
+
+def _start_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special tokens `tokenizer` puts before a text (Llama-2's <s>, OPT's </s>; none for GPT-2 or SmolLM2)."""
+    with_special = tokenizer("a")["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return with_special[:start]
+    return []
+
+
+class CausalPromptTemplate(PromptTemplate):
+    """A prompt for a causal LM: the label word is the next token after the prompt's last token.
+
+    Accepts the same spellings as `PromptTemplate`, read for a decoder-only model:
+
+    - MeZO's causal form, a template without a mask: ``"{sentence} It was"`` (or ``"*cls**sent_0*_It_was"``);
+      the label word (with its leading space, ' great') follows the prompt.
+    - A cloze template (``"*cls**sent_0*_It_was*mask*.*sep+*"``, ``"{sentence} It was {mask}."``): the prompt is
+      everything before the mask; what follows it (``.``, ``*sep+*``) cannot influence a next-token prediction
+      and is dropped (kept in `dropped_parts`). ``*cls*`` becomes the tokens the tokenizer itself puts before a
+      text (Llama-2's ``<s>``, OPT's ``</s>``, nothing for GPT-2, SmolLM2 or Qwen2); a ``*sep*`` before the mask
+      becomes the SEP token, else EOS.
+
+    `PromptEncoding.mask_position` is the prompt's last token: the position whose next-token logits score the
+    classes (the causal prompt LMs' `mask_positions`).
+    """
+
+    causal = True
+
+    def __init__(self, template: str):
+        if isinstance(template, PromptTemplate):
+            template = template.source
+        if isinstance(template, str) and "*mask*" not in template and "{mask}" not in template:
+            lmbff = re.search(r"\*(cls|sep\+?|\+?sent[lu]?-?_\d+)\*", template) is not None
+            source, template = template, template + ("*mask*" if lmbff else " {mask}")
+        else:
+            source = template
+        super().__init__(template)
+        self.source = source
+        mask_index = next(i for i, p in enumerate(self.parts) if isinstance(p, Special) and p.name == "mask")
+        self.dropped_parts: tuple[Part, ...] = self.parts[mask_index + 1 :]
+        self.parts = self.parts[: mask_index + 1]
+        if not any(isinstance(p, Sentence) for p in self.parts):
+            raise ValueError(
+                f"template {source!r} puts the sentence after the label word's slot; a causal LM predicts the label "
+                "word from the text before it, so the sentence must come first, e.g. '{sentence} It was'."
+            )
+
+    def __repr__(self) -> str:
+        return f"CausalPromptTemplate({self.source!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CausalPromptTemplate) and self.parts == other.parts
+
+    def __hash__(self) -> int:
+        return hash(("causal", self.parts))
+
+    def encode_batch(
+        self, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str], max_length: int | None = None
+    ) -> list[PromptEncoding]:
+        """As `PromptTemplate.encode_batch`; `mask_position` is the prompt's last token."""
+        encodings = super().encode_batch(tokenizer, sentences, max_length)
+        for encoding in encodings:
+            if not encoding.input_ids:
+                raise ValueError(f"template {self.source!r} gives an empty prompt for sentence ''; nothing to score.")
+            encoding.mask_position = len(encoding.input_ids) - 1
+        return encodings
+
+    def _encode_fixed_parts(self, tokenizer: PreTrainedTokenizerBase) -> list[tuple[Part, list[int]]]:
+        encoded = []
+        for part in self.parts:
+            if isinstance(part, Special) and part.name == "mask":
+                encoded.append((part, []))  # the label word's slot: after the prompt, not in it
+            elif isinstance(part, Special) and part.name == "cls":
+                encoded.append((part, _start_tokens(tokenizer)))
+            elif isinstance(part, Special):
+                token_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+                if token_id is None:
+                    raise ValueError(
+                        f"template {self.source!r} uses *sep* before the label word, but {type(tokenizer).__name__} "
+                        "has neither a SEP nor an EOS token; remove it from the template."
+                    )
+                encoded.append((part, [token_id]))
+            elif isinstance(part, Text):
+                encoded.append((part, tokenizer(part.text, add_special_tokens=False)["input_ids"]))
+            else:
+                encoded.append((part, []))
+        return encoded
