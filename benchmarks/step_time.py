@@ -113,16 +113,6 @@ class ReferenceMeZO:
             p.data = p.data - self.lr * (projected_grad * z + self.weight_decay * p.data)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
     """Seconds of each variant, run round-robin `repeats` times after one warm-up each."""
     for fn in variants.values():
