@@ -52,9 +52,9 @@ def _refuse_unverified_trl_parents(cls: type) -> None:
     unverified = [name for name in trl_parents if name not in _VERIFIED_TRL_TRAINERS]
     if unverified:
         raise TypeError(
-            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: TRL's "
-            "preference/RL trainers compute their loss through a fused float32 LM-head kernel, with reference models "
-            "or generation, that MeZO's two perturbed passes are not verified to evaluate exactly. Supported: "
+            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: it is not "
+            "verified that MeZO's two perturbed passes evaluate its loss exactly (TRL's preference/RL trainers use a "
+            "fused float32 LM-head kernel, reference models or generation). Supported: "
             "hf_mezo.MeZOSFTTrainer (TRL's SFTTrainer), MeZOSeq2SeqTrainer, and your own transformers.Trainer "
             "subclasses via `class X(MeZOMixin, YourTrainer)`."
         )
