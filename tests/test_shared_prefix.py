@@ -224,3 +224,15 @@ def test_mezo_estimator_with_sharing_float64(arch, tmp_path):
         torch.testing.assert_close(deltas[n], -eta * g_observed * z[n], rtol=1e-9, atol=1e-15)
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
     assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared (the batch may be shuffled)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_shared_prefix_in_bfloat16(arch):
+    """bf16 sharing lands as close to the fp32 forward as bf16 without sharing does (its rounding, ~5e-4 here)."""
+    reference_model, _ = make_models(arch)
+    model, _ = make_models(arch, dtype=torch.bfloat16)
+    ids, mask = prefixed_batch("left")
+    reference, _ = class_logits(reference_model, ids, mask, False)
+    shared, stats = class_logits(model, ids, mask, True)
+    assert stats["shared_layer_runs"] == 1 and shared.dtype == torch.bfloat16
+    torch.testing.assert_close(shared.float(), reference, rtol=0, atol=2e-3)
