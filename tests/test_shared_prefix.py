@@ -189,6 +189,13 @@ def test_sharing_stands_down_for_dropout_and_sliding_windows():
     sliding = sliding_cls(sliding_config(), label_word_ids=LABEL_WORDS).eval()
     _, stats = class_logits(sliding, ids, mask, True)
     assert stats["shared_layer_runs"] == 0
+    checkpointed, _ = make_models("llama")
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.train()
+    checkpointed.reset_shared_prefix_stats()
+    loss = checkpointed(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 1])).loss
+    loss.backward()
+    assert checkpointed.shared_prefix_stats["shared_layer_runs"] == 0
 
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
