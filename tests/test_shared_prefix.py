@@ -189,6 +189,13 @@ def test_sharing_stands_down_for_dropout_and_sliding_windows():
     sliding = sliding_cls(sliding_config(), label_word_ids=LABEL_WORDS).eval()
     _, stats = class_logits(sliding, ids, mask, True)
     assert stats["shared_layer_runs"] == 0
+    checkpointed, _ = make_models("llama")
+    checkpointed.gradient_checkpointing_enable()
+    checkpointed.train()
+    checkpointed.reset_shared_prefix_stats()
+    loss = checkpointed(input_ids=ids, attention_mask=mask, labels=torch.tensor([0, 1, 2, 1])).loss
+    loss.backward()
+    assert checkpointed.shared_prefix_stats["shared_layer_runs"] == 0
 
 
 @pytest.mark.parametrize("arch", ["opt", "gpt2"])
@@ -224,3 +231,15 @@ def test_mezo_estimator_with_sharing_float64(arch, tmp_path):
         torch.testing.assert_close(deltas[n], -eta * g_observed * z[n], rtol=1e-9, atol=1e-15)
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
     assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared (the batch may be shuffled)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_shared_prefix_in_bfloat16(arch):
+    """bf16 sharing lands as close to the fp32 forward as bf16 without sharing does (its rounding, ~5e-4 here)."""
+    reference_model, _ = make_models(arch)
+    model, _ = make_models(arch, dtype=torch.bfloat16)
+    ids, mask = prefixed_batch("left")
+    reference, _ = class_logits(reference_model, ids, mask, False)
+    shared, stats = class_logits(model, ids, mask, True)
+    assert stats["shared_layer_runs"] == 1 and shared.dtype == torch.bfloat16
+    torch.testing.assert_close(shared.float(), reference, rtol=0, atol=2e-3)

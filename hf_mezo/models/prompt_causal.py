@@ -17,6 +17,10 @@ logits (`train_as_classification`). These classes add to the stock ``*ForCausalL
   attended tokens, so left and right padding of one example share an entry. Served only for eval-mode (or
   dropout-free) forwards of `input_ids` without a KV cache; on a cache-served forward without label words the
   logits at padded positions are unspecified.
+- Shared prefix (`hf_mezo.models.shared_prefix`, on by default, `config.share_prefix`): a token prefix common to
+  every row (an instruction, demonstrations) is computed once per forward at batch size 1 and its keys/values
+  shared; above the depth-cache cut in every pass, below it once per batch of cache misses. Exact; where it
+  cannot be (dropout, sliding windows, other attention kernels, short prefixes, one row) the forward runs unshared.
 
 Module tree and parameter names are the stock class's: stock checkpoints load with no missing or unexpected keys,
 and `save_pretrained` writes checkpoints the stock classes load (the label words travel in the config).

@@ -14,8 +14,10 @@ Why it is safe for MeZO. The prefix is recomputed in every forward pass, with th
 Where it does not apply (the exact unshared forward runs instead): the switch off (`config.share_prefix = False`),
 a common prefix shorter than `config.share_prefix_min_tokens` (or no row would keep a token of its own), a batch
 of one row, active dropout or LayerDrop (rows would draw different masks on the prefix), attention other than
-`sdpa`/`eager` (the explicit 4-D mask), sliding-window layers (their window would also need cutting), attention
-masks with holes inside a row, and caller position ids that differ across rows on the prefix.
+`sdpa`/`eager` (the explicit 4-D mask), sliding-window layers (their window would also need cutting), gradient
+checkpointing in training (it drops the cache), attention masks with holes inside a row, and caller position ids
+that differ across rows on the prefix. Forwards that do not take the layer-by-layer path (a peft prefix's KV cache,
+`inputs_embeds`, `output_attentions`) never share.
 """
 
 from __future__ import annotations
@@ -177,6 +179,12 @@ class SharedPrefixMixin:
             return None
         if self.training and (any(_drops_out(m) for m in self.modules()) or _drops_layers(self)):
             return None  # each row would draw its own dropout masks on the prefix
+        if (
+            self.training
+            and torch.is_grad_enabled()
+            and any(getattr(layer, "gradient_checkpointing", False) for layer in self._stack_layers())
+        ):
+            return None  # checkpointed layers drop the KV cache (the backward replay would write it twice)
         min_tokens = getattr(config, "share_prefix_min_tokens", DEFAULT_MIN_TOKENS)
         return find_shared_prefix(input_ids, attention_mask, position_ids, min_tokens)
 
