@@ -54,13 +54,15 @@ class LabelWordHead(nn.Module):
     def __init__(self, norm: nn.Module, label_rows: torch.Tensor):
         super().__init__()
         self.norm = copy.deepcopy(norm)
-        self.label_rows = nn.Parameter(label_rows.detach().clone())
+        # A Linear (not a bare Parameter) so that peft's LoRA can target it (benchmarks/accuracy.py).
+        self.label_head = nn.Linear(label_rows.shape[1], label_rows.shape[0], bias=False)
+        self.label_head.weight = nn.Parameter(label_rows.detach().clone())
 
     def normed(self, features: torch.Tensor) -> torch.Tensor:
         return self.norm(features)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
-        logits = self.normed(features) @ self.label_rows.T
+        logits = self.label_head(self.normed(features))
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
@@ -254,7 +256,7 @@ def main(argv=None) -> dict:
 
     common = dict(
         per_device_train_batch_size=args.batch_size,
-        logging_steps=max(1, args.eval_every // 5),
+        logging_steps=args.eval_every,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
