@@ -102,7 +102,9 @@ def run_split(head, train, test, args, out_dir: Path) -> dict:
 def features(model, tokenizer, split, path: Path):
     if path.is_file():
         return torch.load(path)
+    start = time.perf_counter()
     pair = (demo.last_token_states(model, tokenizer, demo.prompts(split)), torch.tensor(split["label"]))
+    print(f"hidden states of {len(split)} prompts: {time.perf_counter() - start:.1f} s", flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(pair, path)
     return pair
