@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench quality clean
+.PHONY: install test test-fast demo demo-mlm bench quality clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
-# The main job on the embedded default: offline SST-2 with MeZO on the pip-installed MiniLM.
+# The main job on the embedded default: offline SST-2 with MeZO on the pip-installed SmolLM2-135M-Instruct.
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python examples/demo.py
+
+# The masked-LM demo: MeZO prompting the pip-installed MiniLM-L6 (no MLM head: zero-shot is chance).
+demo-mlm: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python examples/demo_mlm.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/step_time.py

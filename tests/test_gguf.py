@@ -127,3 +127,16 @@ def test_smollm2_file_when_installed():
     tokenizer = load_gguf_tokenizer(path)
     assert tokenizer(" terrible").input_ids == [13321]
     assert tokenizer(" great").input_ids == [1109]
+
+
+def test_prompt_causal_class_loads_from_gguf(tiny_gguf):
+    from hf_mezo.models import LlamaForPromptCausalLM
+
+    source, path = tiny_gguf
+    model = load_gguf_model(path, LlamaForPromptCausalLM, label_word_ids=[5, 9]).eval()
+    assert isinstance(model, LlamaForPromptCausalLM) and model.label_word_ids == [5, 9]
+    assert getattr(model, "hf_quantizer", None) is None
+    ids = torch.randint(0, 64, (3, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = source(ids).logits[:, -1, [5, 9]]
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
