@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/memory.py
 	$(BIN)/python benchmarks/objective_zero_gradients.py
 	$(BIN)/python benchmarks/bf16_loss_resolution.py
+	$(BIN)/python benchmarks/bf16_coverage.py
 
 quality: $(STAMP)
 	$(BIN)/ruff check hf_mezo tests examples benchmarks

@@ -14,6 +14,7 @@ inference, a MeZO step, and a `Trainer`-style AdamW step (forward + backward + A
 
     python benchmarks/step_time.py                 # roberta-base shape, 16×64
     python benchmarks/step_time.py --shape large   # roberta-large shape
+    python benchmarks/step_time.py --distribution rademacher --skip-memory   # z = ±1
 
 Prints a table and writes benchmarks/results/step_time[_<shape>].json.
 """
@@ -58,10 +59,17 @@ def batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def mezo_trainer(model, output_dir: str):
+def mezo_trainer(model, output_dir: str, distribution: str = "gaussian"):
     from hf_mezo import MeZOConfig, MeZOTrainer
 
-    args = MeZOConfig(output_dir=output_dir, report_to=[], use_cpu=True, learning_rate=1e-6, disable_tqdm=True)
+    args = MeZOConfig(
+        output_dir=output_dir,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=1e-6,
+        disable_tqdm=True,
+        zo_distribution=distribution,
+    )
     trainer = MeZOTrainer(model=model, args=args)
     trainer.create_optimizer()
     trainer.current_gradient_accumulation_steps = 1
@@ -105,34 +113,26 @@ class ReferenceMeZO:
             p.data = p.data - self.lr * (projected_grad * z + self.weight_decay * p.data)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def interleaved(variants: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each variant, run round-robin `repeats` times after one warm-up each."""
+    for fn in variants.values():
         fn()
-        times.append(time.perf_counter() - start)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 def count_mezo_draws(trainer, inputs) -> float:
     """Values of z drawn in one MeZO step, per trainable parameter element."""
-    import hf_mezo.optimizer as optimizer_module
+    from hf_mezo import directions
 
-    drawn = 0
-    original = optimizer_module.draw_direction
-
-    def counting(name, numel, **kw):
-        nonlocal drawn
-        out = original(name, numel, **kw)
-        drawn += out.numel()
-        return out
-
-    optimizer_module.draw_direction = counting
-    try:
-        mezo_step(trainer, inputs)
-    finally:
-        optimizer_module.draw_direction = original
+    directions.reset_counters()
+    mezo_step(trainer, inputs)
+    drawn = directions.reset_counters().values
     return drawn / sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
 
 
@@ -203,6 +203,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--distribution", choices=["gaussian", "rademacher"], default="gaussian", help="of z (timing)")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-timing", action="store_true", help="only the memory comparison")
     parser.add_argument("--memory-worker", choices=["inference", "mezo", "adamw"], help=argparse.SUPPRESS)
@@ -217,6 +218,7 @@ def main() -> None:
     n_params = sum(p.numel() for p in model.parameters())
     results: dict = {
         "shape": args.shape,
+        "distribution": args.distribution,
         "batch": [args.batch, args.seq],
         "parameters": n_params,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
@@ -228,31 +230,41 @@ def main() -> None:
         time_steps(model, inputs, n_params, args, results)
     if not args.skip_memory:
         measure_all_memory(args, results)
-    output = args.output or Path(__file__).parent / "results" / (
-        "step_time.json" if args.shape == "base" else f"step_time_{args.shape}.json"
+    suffix = ("" if args.shape == "base" else f"_{args.shape}") + (
+        "" if args.distribution == "gaussian" else f"_{args.distribution}"
     )
+    output = args.output or Path(__file__).parent / "results" / f"step_time{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))
     print(f"\nwrote {output}")
 
 
 def time_steps(model, inputs, n_params: int, args, results: dict) -> None:
-    with torch.no_grad():
-        forward = timed(lambda: model(**inputs), args.repeats)
+    def forward() -> None:
+        with torch.no_grad():
+            model(**inputs)
+
     with tempfile.TemporaryDirectory() as out:
-        trainer = mezo_trainer(model, out)
-        mezo = timed(lambda: mezo_step(trainer, inputs), args.repeats)
+        trainer = mezo_trainer(model, out, args.distribution)
+        reference = ReferenceMeZO(model)
+        # Interleaved (forward, step, reference, forward, ...) so that load from other processes on a shared
+        # machine hits all three alike; the ratios use the fastest (least disturbed) run of each.
+        times = interleaved(
+            {"forward": forward, "mezo_step": lambda: mezo_step(trainer, inputs), "reference_step": lambda: reference.step(inputs)},
+            args.repeats,
+        )  # fmt: skip
         mezo_passes = count_mezo_draws(trainer, inputs)
-    reference = ReferenceMeZO(model)
-    ref = timed(lambda: reference.step(inputs), args.repeats)
     reference.drawn = 0
     reference.step(inputs)
     ref_passes = reference.drawn / n_params
 
-    f, m, r = (statistics.median(t) for t in (forward, mezo, ref))
+    f, m, r = (min(times[k]) for k in ("forward", "mezo_step", "reference_step"))
     results["time_s"] = {"forward": f, "mezo_step": m, "reference_step": r}
+    results["time_s_median"] = {k: statistics.median(t) for k, t in times.items()}
     results["passes_over_parameters"] = {"mezo": mezo_passes, "reference": ref_passes}
     results["ratios"] = {"mezo_step_over_two_forwards": m / (2 * f), "reference_over_mezo": r / m}
+    median = results["time_s_median"]
+    results["ratios_median"] = {"mezo_step_over_two_forwards": median["mezo_step"] / (2 * median["forward"])}
 
     rows = [
         ("forward (inference)", f, "", ""),
@@ -262,7 +274,7 @@ def time_steps(model, inputs, n_params: int, args, results: dict) -> None:
     print(
         f"\n{args.shape}-shaped RobertaForMaskedLM ({n_params / 1e6:.1f}M params), batch {args.batch}×{args.seq}, {results['machine']}"
     )
-    print(f"{'':24}{'median s':>10}{'× 2 fwd':>10}{'z passes':>10}")
+    print(f"{'':24}{'min s':>10}{'× 2 fwd':>10}{'z passes':>10}  (of {args.repeats}, interleaved)")
     for name, t, ratio, passes in rows:
         print(f"{name:24}{t:10.3f}{ratio:>10}{passes:>10}")
     print(f"reference / hf_mezo step time: {r / m:.2f}×")

@@ -81,6 +81,7 @@ from hf_mezo.models import (
     freeze_all_but_top_layers,
 )
 from hf_mezo.prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
+from hf_mezo.prompting.demonstrations import select_demonstrations, with_demonstrations, with_instruction
 
 logger = transformers.utils.logging.get_logger("run_sst2")
 
@@ -157,6 +158,14 @@ class ModelArguments:
         },
     )
     num_virtual_tokens: int = field(default=5, metadata={"help": "Prefix length for --prefix (the paper: 5)."})
+    share_prefix: bool = field(
+        default=True,
+        metadata={
+            "help": "Causal prompt LMs: compute the prompt prefix every row shares (--instruction, demonstrations) "
+            "once per forward at batch size 1 and let each row attend to its keys/values; exact. "
+            "--no_share_prefix runs every row in full."
+        },
+    )
 
     def __post_init__(self):
         if self.trainer not in TRAINERS:
@@ -202,11 +211,39 @@ class DataArguments:
         default=128,
         metadata={"help": "Longest prompt in tokens (LM-BFF's default); only the sentence is truncated to fit."},
     )
+    instruction: str | None = field(
+        default=None,
+        metadata={
+            "help": "Text put before the sentence (and any demonstrations), then a blank line, e.g. 'Classify the "
+            "sentiment of the movie review as great or terrible.' Truncation still cuts only the sentence."
+        },
+    )
+    num_demonstrations: int = field(
+        default=0,
+        metadata={
+            "help": "Put this many training examples, with their label words, before the sentence: one fixed set "
+            "(balanced over the labels, drawn with the data seed) shared by every prompt."
+        },
+    )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N training rows."})
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Use only N validation rows, drawn at random (seeded by the data seed)."}
     )
     max_test_samples: int | None = field(default=None, metadata={"help": "Use only the first N test rows."})
+
+
+def with_prompt_context(template, data_args: DataArguments, verbalizer, train, data_seed, causal: bool):
+    """The template with --num_demonstrations and --instruction before the sentence (instruction first)."""
+    if not data_args.instruction and not data_args.num_demonstrations:
+        return template
+    source = template.source
+    if data_args.num_demonstrations:
+        seed = DEFAULT_DATA_SEED if data_seed is None else data_seed
+        examples = select_demonstrations(train, data_args.num_demonstrations, seed)
+        source = with_demonstrations(source, verbalizer, examples, causal=causal)
+    if data_args.instruction:
+        source = with_instruction(source, data_args.instruction)
+    return type(template)(source)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, MeZOConfig]:
@@ -381,6 +418,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     with training_args.main_process_first(desc="loading SST-2"):  # one process fills the datasets cache
         splits = load_splits(data_args, training_args.data_seed)
+    template = with_prompt_context(template, data_args, verbalizer, splits["train"], training_args.data_seed, causal)
+    if causal:  # read by the prompt causal LMs (hf_mezo.models.shared_prefix); a stock class ignores it
+        model.config.share_prefix = model_args.share_prefix
     collator = VerbalizerDataCollator(
         tokenizer,
         template,

@@ -24,8 +24,8 @@ the short vector of sums, with the direction seed and step, is gathered. A misma
 and evaluation, and on demand (`check_rank_consistency`).
 
 Sharded models (FSDP2, `fully_shard`). Each process holds rows [a, b) of dim 0 of every parameter
-as a `DTensor` shard. Forwards see the all-gathered parameter, which the perturbation hooks perturb
-with the full z; the update touches only the local shard, drawing z for flat elements
+as a `DTensor` shard. Forwards see the all-gathered parameter, which `perturbation.sharded` perturbs
+with the full z; the update touches only the local shard (`shards.local_shard`), drawing z for flat elements
 [a·row, b·row) of the full parameter — exactly the slice the unsharded update would apply
 (`directions` draws any slice of a parameter's z bit-identically). A sharded run thus takes the
 trajectory of an unsharded one.
@@ -33,28 +33,22 @@ trajectory of an unsharded one.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from .shards import is_sharded, local_shard, shard_rows
 
-try:
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # torch built without distributed support
-    DTensor = Replicate = Shard = None
+logger = logging.get_logger(__name__)
 
 __all__ = [
     "RankDivergenceError",
     "check_rank_consistency",
     "local_shard",
     "parameter_checksums",
-    "perturbed_sharded_forward",
     "prepare_model_without_ddp",
     "shard_rows",
     "synchronize_at_start",
@@ -66,136 +60,6 @@ _INTEGER_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 class RankDivergenceError(RuntimeError):
     """Processes that must hold identical MeZO state do not: they would silently train different models."""
-
-
-# ---- sharded parameters ---------------------------------------------------------------------------
-
-
-def is_sharded(tensor: torch.Tensor) -> bool:
-    return DTensor is not None and isinstance(tensor, DTensor)
-
-
-def shard_rows(rows: int, num_shards: int, shard_index: int) -> tuple[int, int]:
-    """Rows [start, end) of dim 0 that shard `shard_index` of `num_shards` holds, as `torch.chunk` (FSDP2) cuts."""
-    per_shard = math.ceil(rows / num_shards) if rows else 0
-    start = min(shard_index * per_shard, rows)
-    return start, min(start + per_shard, rows)
-
-
-def local_shard(param: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(the tensor this process updates, flat offset of its first element in the full parameter).
-
-    A plain tensor is its own shard at offset 0. A `DTensor` must be sharded on dim 0 over at most one
-    mesh dimension (FSDP2's layout, replicated elsewhere as in HSDP), so the shard is one contiguous
-    run of the flattened full parameter.
-    """
-    if not is_sharded(param):
-        return param, 0
-    local = param.to_local()
-    shard_dims = [i for i, placement in enumerate(param.placements) if not isinstance(placement, Replicate)]
-    if not shard_dims:
-        return local, 0
-    placement = param.placements[shard_dims[0]]
-    if len(shard_dims) > 1 or not isinstance(placement, Shard) or placement.dim != 0:
-        raise NotImplementedError(
-            f"MeZO updates sharded parameters laid out as FSDP2 does (Shard(0) on one mesh dimension); got "
-            f"placements {param.placements}. Use fully_shard's default layout (no shard_placement_fn, no tensor parallel)."
-        )
-    mesh_dim = shard_dims[0]
-    rows = param.shape[0]
-    start, end = shard_rows(rows, param.device_mesh.size(mesh_dim), param.device_mesh.get_local_rank(mesh_dim))
-    if tuple(local.shape) != (end - start, *param.shape[1:]) or not local.is_contiguous():
-        raise NotImplementedError(
-            f"local shard of shape {tuple(local.shape)} is not rows [{start}, {end}) of the full parameter "
-            f"{tuple(param.shape)}; MeZO cannot locate its elements in the full direction."
-        )
-    row_numel = param.numel() // rows if rows else 0
-    return local, start * row_numel
-
-
-def _fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return []
-    return [module for module in model.modules() if isinstance(module, FSDPModule)]
-
-
-@contextlib.contextmanager
-def perturbed_sharded_forward(model: nn.Module, optimizer, direction: int, scale: float) -> Iterator[set[int]]:
-    """`perturbation.perturbed_forward` for a model sharded by FSDP2: forwards see θ + scale·z, θ is never written.
-
-    During a forward FSDP2 replaces each sharded parameter in its module by the all-gathered full
-    tensor. A pre-hook on the owning module swaps that tensor's storage for θ + scale·z, with z of the
-    *full* parameter (so every element gets the z of its position, whatever the sharding), and a
-    post-hook swaps the all-gathered values back before FSDP2 frees them; the shards are only read.
-    The FSDP2 modules are resharded on entry and exit: the root keeps its parameters gathered between
-    forwards, and after an update those copies would be stale.
-    """
-    from .optimizer import add_scaled  # the same θ + s·z arithmetic as unsharded (import cycle)
-
-    trainable = {id(p) for _, p, _ in optimizer.named_trainable_parameters()}
-    owners: dict[nn.Module, list[tuple[str, torch.Tensor]]] = {}
-    for module in model.modules():
-        for key, param in module._parameters.items():
-            if param is not None and id(param) in trainable:
-                owners.setdefault(module, []).append((key, param))
-    active: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(gathered) -> (gathered, its own values)
-    touched: set[int] = set()
-
-    def pre_hook(entries: list[tuple[str, torch.Tensor]]):
-        def hook(module, args):
-            mine = []
-            for key, sharded in entries:
-                gathered = module._parameters[key]
-                if id(gathered) in active:  # an enclosing module already perturbed this shared parameter
-                    continue
-                if is_sharded(gathered):
-                    raise RuntimeError(
-                        f"parameter {optimizer.param_names[id(sharded)]!r} is still a sharded DTensor inside its "
-                        "module's forward: MeZO perturbs FSDP2 (fully_shard) models only, not tensor parallel ones."
-                    )
-                z = optimizer.direction(sharded, direction).view_as(gathered).to(gathered.device)
-                perturbed = add_scaled(gathered, z, scale)
-                active[id(gathered)] = (gathered, gathered.data)
-                gathered.data = perturbed
-                touched.add(id(sharded))
-                mine.append(gathered)
-            module._zo_sharded_restore = mine
-
-        return hook
-
-    def post_hook(module, args, output):
-        for gathered in module.__dict__.pop("_zo_sharded_restore", ()):
-            gathered.data = active.pop(id(gathered))[1]
-
-    fsdp_modules = _fsdp_modules(model)
-    handles = []
-    for module, entries in owners.items():
-        # Appended pre-hook: runs after FSDP2's all-gather. Prepended post-hook: restores before FSDP2 reshards.
-        handles.append(module.register_forward_pre_hook(pre_hook(entries)))
-        handles.append(module.register_forward_hook(post_hook, prepend=True, always_call=True))
-    for module in fsdp_modules:
-        module.reshard()
-    try:
-        with torch.no_grad():
-            yield touched
-    finally:
-        for handle in handles:
-            handle.remove()
-        for gathered, values in active.values():
-            gathered.data = values
-        for module in fsdp_modules:
-            module.reshard()
-
-
-def perturbed(model: nn.Module, optimizer, direction: int, scale: float):
-    """The perturbation context for `model`: the sharded one if its trainable parameters are FSDP2 shards."""
-    from .perturbation import perturbed_forward
-
-    if any(is_sharded(p) for _, p, _ in optimizer.named_trainable_parameters()):
-        return perturbed_sharded_forward(model, optimizer, direction, scale)
-    return perturbed_forward(model, optimizer, direction, scale)
 
 
 # ---- checksums and the consistency check ----------------------------------------------------------
@@ -400,12 +264,6 @@ def wrap_model_for_mezo(
     """
     accelerator = trainer.accelerator
     check_supported(accelerator)
-    if trainer.args.n_gpu > 1:
-        logger.warning(
-            "MeZOTrainer under torch.nn.DataParallel (several GPUs, one process) copies every parameter to every "
-            "GPU on each of the 2n forwards of a step. Launch with `accelerate launch --multi_gpu` instead: the "
-            "processes then exchange n scalars per step."
-        )
     wrapped = wrap(model, training=training, dataloader=dataloader)
     # Evaluation, a wrapper of the Trainer's own (DataParallel, ...), or no replicas to keep in step.
     if not training or wrapped is not model or not is_data_parallel(accelerator):

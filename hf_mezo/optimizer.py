@@ -7,7 +7,9 @@ it), and `state_dict()` lands in `optimizer.pt` and resumes the seed stream.
 The optimizer owns the direction stream. For the current step it can produce θ ± εz for any
 parameter (`perturbed`), accumulates the projected gradients g that the trainer measures
 (`accumulate`), and `step()` applies θ ← θ − lr·(mean_j g_j·z_j + wd·θ), regenerating each z_j from
-its seed, then advances the step counter. State is O(n) scalars, never O(model).
+its seed, then advances the step counter. State is O(n) scalars, never O(model). For bf16/fp16
+weights z_j is replaced by the perturbation the passes actually applied, (fl(θ + εz) − fl(θ − εz))/2ε,
+so coordinates whose perturbation rounded away are left exactly as they are.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from typing import Any
 import torch
 
 from .config import ZO_DISTRIBUTIONS
-from .directions import draw_direction, draw_dtype
-from .distributed import local_shard
+from .directions import add_direction, chunk_numel, draw_direction, draw_dtype
+from .shards import local_shard
 
 
 def add_scaled(values: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Tensor:
@@ -35,7 +37,26 @@ def add_scaled(values: torch.Tensor, z: torch.Tensor, scale: float) -> torch.Ten
     return torch.add(values.to(z.dtype), z, alpha=scale).to(values.dtype)
 
 
-# Elements updated at a time (a multiple of the directions' chunk, so blocks never split a seeded chunk).
+def applied_direction(param: torch.Tensor, z: torch.Tensor, eps: float) -> torch.Tensor:
+    """(fl(θ + εz) − fl(θ − εz)) / 2ε per coordinate, in float32: the perturbation the two passes applied.
+
+    For bf16/fp16 weights θ ± εz is rounded to the weights' grid, and where |εz| is below half a spacing
+    both passes see θ itself: the loss difference knows nothing about that coordinate. Updating along
+    z there would be a pure random walk; along the applied perturbation the coordinate stays put, and
+    elsewhere the update uses the step the loss actually measured. For float32/float64 weights this is
+    z up to rounding, so it is used for low precision only.
+    """
+    copy = (lambda t: t.clone()) if z.dtype == param.dtype else (lambda t: t)  # add_scaled may write into z
+    plus = add_scaled(param, copy(z), eps).float()
+    minus = add_scaled(param, copy(z), -eps).float()
+    return plus.sub_(minus).div_(2 * eps)
+
+
+# Warn when more than this share of a low-precision tensor's perturbation rounds away.
+ROUNDED_AWAY_WARN_SHARE = 0.5
+
+# Elements updated at a time, at least one seeded chunk of z and a multiple of it, so that with several
+# directions a block never redraws a chunk that an earlier block already drew.
 UPDATE_BLOCK_NUMEL = 1 << 20
 
 
@@ -87,7 +108,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             stochastic_rounding=stochastic_rounding,
         )
         super().__init__(params, defaults)
-        if not any(group["params"] for group in self.param_groups):
+        if not any(p.requires_grad for group in self.param_groups for p in group["params"]):
             raise ValueError(
                 "ZerothOrderSGD got no parameters to train: every parameter is frozen (requires_grad=False). "
                 "Unfreeze the parameters to tune, or attach an adapter (peft) first."
@@ -107,6 +128,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._reduced: torch.Tensor | None = None
         self._skip_step = False
+        self._rounding_warned: set[str] = set()
 
     # ---- state shared with the trainer -------------------------------------------------------
 
@@ -128,11 +150,17 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._reduce = reduce
 
     def named_trainable_parameters(self) -> Iterable[tuple[str, torch.nn.Parameter, dict]]:
+        """(name, parameter, group) of every parameter MeZO perturbs and updates: those with requires_grad.
+
+        A frozen parameter in the groups (`ZerothOrderSGD(model.named_parameters())` on a partly frozen
+        model) is never perturbed and never moved, even if it was frozen after the optimizer was built.
+        """
         for group in self.param_groups:
             # Names travel with the groups: Accelerate's FSDP2 preparation swaps `params` for their shards.
             for p, name in zip(group["params"], group["param_names"]):
-                self.param_names[id(p)] = name
-                yield name, p, group
+                if p.requires_grad:
+                    self.param_names[id(p)] = name
+                    yield name, p, group
 
     def direction(
         self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None
@@ -165,8 +193,32 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self, param: torch.Tensor, direction: int, scale: float, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         """Elements [start, end) of the flattened θ + scale·z (for streaming large matrices block by block)."""
-        z = self.direction(param, direction, start=start, end=end)
-        return add_scaled(param.reshape(-1)[start:end], z, scale)
+        return self.add_direction(param.reshape(-1)[start:end], param, direction, scale, start)
+
+    def add_direction(
+        self,
+        values: torch.Tensor,
+        param: torch.Tensor,
+        direction: int,
+        scale: float,
+        start: int = 0,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """values + scale·z for elements [start, …) of `param`'s flattened z, fused chunk by chunk (see
+        `directions.add_direction`); `out=values` updates in place."""
+        group = self.param_groups[0]
+        return add_direction(
+            values,
+            self.param_names[id(param)],
+            param.numel(),
+            run_seed=group["seed"],
+            step=group["zo_step"],
+            direction=direction,
+            distribution=group["distribution"],
+            scale=scale,
+            start=start,
+            out=out,
+        )
 
     def accumulate(self, direction: int, projected_grad: torch.Tensor) -> None:
         """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
@@ -174,6 +226,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             self._skip_step = True
         self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
         self._reduced = None
+
+    def discard_step(self) -> None:
+        """Forget the projected gradients measured so far for this step (a step abandoned midway, e.g. on an
+        out-of-memory retry with a smaller batch), so that they do not leak into the next step's update."""
+        self._projected_grads = [0.0] * self.num_directions
+        self._reduced = None
+        self._skip_step = False
 
     def projected_grads(self) -> torch.Tensor:
         """The step's projected gradients (n,), averaged across processes if a reduction is installed."""
@@ -216,9 +275,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 self._update_parameter(param, group, coefficients)
         for group in self.param_groups:
             group["zo_step"] += 1
-        self._projected_grads = [0.0] * n
-        self._reduced = None
-        self._skip_step = False
+        self.discard_step()
         return loss
 
     def _update_parameter(self, param: torch.Tensor, group: dict, coefficients: list[float]) -> None:
@@ -234,7 +291,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         # Every operation is elementwise and every random number is keyed by its position, so the result is
         # bit-identical to updating the whole tensor at once.
         flat = param.view(-1) if param.is_contiguous() else param
-        block_numel = UPDATE_BLOCK_NUMEL if param.is_contiguous() else param.numel()
+        block_numel = max(UPDATE_BLOCK_NUMEL, chunk_numel(param.device)) if param.is_contiguous() else param.numel()
         for lo in range(0, param.numel(), block_numel):
             block = flat[lo : lo + block_numel] if flat.dim() == 1 else flat
             span = {"start": start + lo, "end": start + lo + block.numel()}
@@ -242,18 +299,39 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 if decay != 1.0:
                     block.mul_(decay)
                 for direction, alpha in steps:
-                    block.add_(self.direction(full, direction, **span).view_as(block), alpha=alpha)
+                    self.add_direction(block, full, direction, alpha, span["start"], out=block)
                 continue
-            # Low-precision weights: accumulate the update in float32, round once.
+            # Low-precision weights: accumulate the update in float32, round once, and move each coordinate
+            # along the perturbation the passes applied, not along z (see `applied_direction`).
             updated = block.float()
             if decay != 1.0:
                 updated.mul_(decay)
             for direction, alpha in steps:
-                updated.add_(self.direction(full, direction, **span).view_as(block), alpha=alpha)
+                z = self.direction(full, direction, **span).view_as(block)
+                applied = applied_direction(block, z, group["eps"])
+                if direction == 0:
+                    self._note_rounded_away(full, applied, z)
+                updated.add_(applied, alpha=alpha)
             if group["stochastic_rounding"]:
                 block.copy_(self._stochastic_round(updated, block, full, span["start"]))
             else:
                 block.copy_(updated)
+
+    def _note_rounded_away(self, param: torch.Tensor, applied: torch.Tensor, z: torch.Tensor) -> None:
+        """Warn once per tensor when most of its perturbation is below the weights' resolution."""
+        name = self.param_names[id(param)]
+        if name in self._rounding_warned:
+            return
+        self._rounding_warned.add(name)
+        share = float(((applied == 0) & (z != 0)).float().mean())
+        if share > ROUNDED_AWAY_WARN_SHARE:
+            warnings.warn(
+                f"MeZO: θ ± εz rounds back to θ for {share:.0%} of {name!r} ({param.dtype}, ε = {self.eps:g}); "
+                "those coordinates are not perturbed, so they are not trained. Raise zo_eps, or keep this tensor "
+                "in float32 (e.g. LayerNorm gains, whose |θ| ≈ 1 makes the bf16 spacing 2⁻⁷).",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _stochastic_round(
         self, value: torch.Tensor, param: torch.Tensor, full: torch.Tensor | None = None, start: int = 0

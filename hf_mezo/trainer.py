@@ -1,6 +1,8 @@
-"""`MeZOTrainer`: the Hugging Face Trainer with a zeroth-order `training_step`.
+"""`MeZOMixin`: a zeroth-order `training_step` for any Hugging Face Trainer; `MeZOTrainer` = it + `Trainer`.
 
-Only the step changes. For each micro-batch the trainer evaluates `compute_loss` at θ + εz and at
+The mixin composes with any `Trainer` subclass, `class MyTrainer(MeZOMixin, SomeTrainer)`: whatever
+`compute_loss` the subclass has (its own, `Seq2SeqTrainer`'s, TRL's `SFTTrainer`'s through
+`MeZOSFTTrainer`) is what the two passes evaluate. Only the step changes. For each micro-batch the trainer evaluates `compute_loss` at θ + εz and at
 θ − εz (dropout off, no autograd), adds g = (L₊ − L₋) / 2ε to the optimizer's running projected
 gradient and returns (L₊ + L₋) / 2 as the training loss. The Trainer's loop then calls
 `optimizer.step()` once per optimizer step, which regenerates z and applies the update. Data
@@ -28,18 +30,44 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .config import zo_settings
-from .distributed import check_rank_consistency, perturbed, wrap_model_for_mezo
+from .config import refuse_unsupported_options, zo_settings
+from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
+from .perturbation import check_perturbable, perturbed
 from .precision import float32_logits
+from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
 
 
-class MeZOTrainer(Trainer):
-    """Drop-in replacement for `transformers.Trainer` that trains with MeZO (no backward pass).
+# TRL trainers whose compute_loss MeZO evaluates exactly (MeZOSFTTrainer re-scopes SFTTrainer's fused LM head).
+_VERIFIED_TRL_TRAINERS = {"_BaseTrainer", "BaseTrainer", "SFTTrainer"}
+
+
+def _refuse_unverified_trl_parents(cls: type) -> None:
+    """Refuse a TRL trainer MeZO is not known to perturb exactly, before any work (by name: TRL is not imported)."""
+    trl_parents = [c.__name__ for c in cls.__mro__ if c.__module__.split(".")[0] == "trl"]
+    unverified = [name for name in trl_parents if name not in _VERIFIED_TRL_TRAINERS]
+    if unverified:
+        raise TypeError(
+            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: it is not "
+            "verified that MeZO's two perturbed passes evaluate its loss exactly (TRL's preference/RL trainers use a "
+            "fused float32 LM-head kernel, reference models or generation). Supported: "
+            "hf_mezo.MeZOSFTTrainer (TRL's SFTTrainer), MeZOSeq2SeqTrainer, and your own transformers.Trainer "
+            "subclasses via `class X(MeZOMixin, YourTrainer)`."
+        )
+    if "SFTTrainer" in trl_parents and not any(c.__name__ == "MeZOSFTTrainer" for c in cls.__mro__):
+        raise TypeError(
+            f"{cls.__name__} composes MeZOMixin with TRL's SFTTrainer directly; its fused LM head must be answered "
+            "by the model's own forward for MeZO to be exact, which MeZOSFTTrainer does. Use hf_mezo.MeZOSFTTrainer, "
+            "or `class X(MeZOSFTTrainer, YourSFTTrainer)` for your own subclass."
+        )
+
+
+class MeZOMixin:
+    """MeZO (no backward pass) for a `Trainer` subclass: put it first, `class X(MeZOMixin, SomeTrainer)`.
 
     Accepts a `MeZOConfig`, or plain `TrainingArguments` (then the paper's MeZO defaults apply:
     ε = 1e-3, one Gaussian direction per step). An optimizer passed through `optimizers=` must be a
@@ -56,29 +84,55 @@ class MeZOTrainer(Trainer):
         **kwargs,
     ):
         if args is None:
-            raise ValueError("MeZOTrainer needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set.")
-        self.zo = zo_settings(args)  # validates before any work
-        self.objective = resolve_objective(objective if objective is not None else self.zo["zo_objective"])
+            raise ValueError(
+                f"{type(self).__name__} needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set."
+            )
+        zo = zo_settings(args)  # validates before any work
+        _refuse_unverified_trl_parents(type(self))
+        refuse_unsupported_options(args)
+        if args.n_gpu > 1:
+            raise ValueError(
+                f"n_gpu={args.n_gpu} would run MeZO under torch.nn.DataParallel (several GPUs, one process), whose "
+                "replicas are copied before MeZO's perturbation runs, so GPUs ≥ 1 would evaluate θ instead of θ ± εz. "
+                "Launch one process per GPU with `accelerate launch` (or torchrun), or expose one GPU "
+                "(CUDA_VISIBLE_DEVICES=0)."
+            )
+        # Not `self.objective`: the Trainer's hyperparameter search writes its metric there.
+        self._zo_objective_argument = objective
+        resolve_objective(objective if objective is not None else zo["zo_objective"])
         optimizer = (kwargs.get("optimizers") or (None, None))[0]
         if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
             raise TypeError(
-                f"MeZOTrainer got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
+                f"{type(self).__name__} got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
                 "Pass a hf_mezo.ZerothOrderSGD, or leave `optimizers` unset to get one from the config."
             )
         if kwargs.get("optimizer_cls_and_kwargs") is not None:
             cls = kwargs["optimizer_cls_and_kwargs"][0]
             if not (isinstance(cls, type) and issubclass(cls, ZerothOrderSGD)):
                 raise TypeError(
-                    f"MeZOTrainer got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
+                    f"{type(self).__name__} got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
                 )
-        if model is not None and self.zo["zo_train_top_layers"] is not None:
-            freeze_all_but_top_layers(model, self.zo["zo_train_top_layers"])
-        if model is not None and not any(p.requires_grad for p in model.parameters()):
+        if isinstance(model, nn.Module) and zo["zo_train_top_layers"] is not None:
+            freeze_all_but_top_layers(model, zo["zo_train_top_layers"])
+        if isinstance(model, nn.Module):
+            check_perturbable(model, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
+        if isinstance(model, nn.Module) and not any(p.requires_grad for p in model.parameters()):
             raise ValueError(
-                "MeZOTrainer got a model with no trainable parameters (requires_grad=False everywhere). "
+                f"{type(self).__name__} got a model with no trainable parameters (requires_grad=False everywhere). "
                 "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
             )
         super().__init__(model, args, *pargs, **kwargs)
+
+    @property
+    def zo(self) -> dict[str, Any]:
+        """The zeroth-order settings, read from `args` at each use: a hyperparameter search's trial sets them there."""
+        return zo_settings(self.args)
+
+    @property
+    def zo_objective(self) -> Objective | None:
+        """The objective of the perturbed passes (`objective=`, else `zo_objective` from the args), or None."""
+        chosen = self._zo_objective_argument
+        return resolve_objective(chosen if chosen is not None else self.zo["zo_objective"])
 
     # ---- optimizer ------------------------------------------------------------------------------
 
@@ -86,6 +140,10 @@ class MeZOTrainer(Trainer):
         """A `ZerothOrderSGD` over the trainable parameters, grouped like the Trainer's AdamW."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
+            # Here rather than in __init__ only: a model from `model_init`, and a trial's zo_train_top_layers.
+            if self.zo["zo_train_top_layers"] is not None:
+                freeze_all_but_top_layers(opt_model, self.zo["zo_train_top_layers"])
+            check_perturbable(opt_model, [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad])
             decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
             groups = [
@@ -112,7 +170,9 @@ class MeZOTrainer(Trainer):
         while not isinstance(optimizer, ZerothOrderSGD):
             inner = getattr(optimizer, "optimizer", None)
             if inner is None:
-                raise TypeError(f"MeZOTrainer's optimizer is {type(self.optimizer).__name__}, not a ZerothOrderSGD.")
+                raise TypeError(
+                    f"{type(self).__name__}'s optimizer is {type(self.optimizer).__name__}, not a ZerothOrderSGD."
+                )
             optimizer = inner
         return optimizer
 
@@ -159,10 +219,11 @@ class MeZOTrainer(Trainer):
 
     def _micro_batch_weight(self, inputs: dict[str, Any], num_items_in_batch) -> tuple[float, Any]:
         """(weight of this micro-batch's loss in the step's objective, num_items_in_batch to pass on)."""
-        if self.compute_loss_func is not None or self.loss_is_scaled_for_ga:
+        own_objective = self.zo_objective is not None  # compute_loss_func / loss_is_scaled_for_ga concern compute_loss
+        if not own_objective and (self.compute_loss_func is not None or self.loss_is_scaled_for_ga):
             return 1.0, num_items_in_batch  # the loss is already normalized over the whole step
         items, total = self._count_label_items(inputs), getattr(self, "_zo_step_items", None)
-        if self.loss_is_scaled_for_ga is None and items is not None and total:
+        if (own_objective or self.loss_is_scaled_for_ga is None) and items is not None and total:
             # Mean over this micro-batch × its share of the step's items = the step's mean over all items.
             # Across processes (average_tokens_across_devices) the share is of the global count, and the
             # cross-process *mean* of the projected gradients needs the factor num_processes back.
@@ -180,8 +241,10 @@ class MeZOTrainer(Trainer):
         optimizer = self.zo_optimizer
         inputs = self._prepare_inputs(inputs)
         weight, loss_items = self._micro_batch_weight(inputs, num_items_in_batch)
-        if weight == 0.0:  # no labelled item in this micro-batch: it contributes nothing
+        contributes = weight != 0.0  # a micro-batch without labelled items contributes nothing to g...
+        if not contributes and not self._zo_runs_collectives(model):
             return torch.zeros((), device=self.args.device)
+        # ...but a sharded (FSDP2) model runs it anyway: every rank must join every forward's all-gathers.
         model.eval()  # dropout off: both passes must see the same function of θ
         eps = optimizer.eps
         mean_losses = []
@@ -197,6 +260,8 @@ class MeZOTrainer(Trainer):
                     # float64: L₊ − L₋ is a small difference of two close numbers
                     losses.append(loss.detach().double() * weight)
                 loss_plus, loss_minus = losses
+                if not contributes:
+                    continue
                 optimizer.accumulate(direction, (loss_plus - loss_minus) / (2 * eps))
                 if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
                     logger.warning(
@@ -206,7 +271,20 @@ class MeZOTrainer(Trainer):
                 mean_losses.append((loss_plus + loss_minus) / 2)
         finally:
             model.train()  # as the stock training_step leaves it
+        if not mean_losses:
+            return torch.zeros((), device=self.args.device)
         return torch.stack(mean_losses).mean().float().to(self.args.device)
+
+    def _zo_runs_collectives(self, model: nn.Module) -> bool:
+        """Whether each forward is a collective across ranks (FSDP2 shards are all-gathered in it)."""
+        return any(is_sharded(p) for _, p, _ in self.zo_optimizer.named_trainable_parameters())
+
+    def _inner_training_loop(self, *args, **kwargs):
+        # `auto_find_batch_size` re-enters the loop after an out-of-memory error with a smaller batch; the
+        # projected gradients of the abandoned partial step must not leak into the retried step's update.
+        if self.optimizer is not None:
+            self.zo_optimizer.discard_step()
+        return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
@@ -217,8 +295,9 @@ class MeZOTrainer(Trainer):
         computed in float32 and L₊ − L₋ keeps its small difference.
         """
         with float32_logits(model, enabled=self.zo["zo_float32_logits"]):
-            if self.objective is not None:
-                return self.objective(model, inputs)
+            objective = self.zo_objective
+            if objective is not None:
+                return objective(model, inputs)
             return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     # The Trainer clips and measures `.grad` before `optimizer.step()`; MeZO has none. Report the projected
@@ -255,3 +334,10 @@ class MeZOTrainer(Trainer):
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         self.check_rank_consistency("evaluation")
         return super().evaluate(*args, **kwargs)
+
+
+class MeZOTrainer(MeZOMixin, Trainer):
+    """Drop-in replacement for `transformers.Trainer` that trains with MeZO (no backward pass).
+
+    See `MeZOMixin` for the arguments, `MeZOConfig` for the `zo_*` settings.
+    """

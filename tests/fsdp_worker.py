@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import RobertaForSequenceClassification
 
     from hf_mezo import ZerothOrderSGD
-    from hf_mezo.distributed import local_shard, perturbed
+    from hf_mezo.perturbation import perturbed
+    from hf_mezo.shards import local_shard
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)

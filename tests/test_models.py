@@ -280,11 +280,21 @@ def edit_frozen_weight(model, how):
         layer.intermediate.dense.weight = torch.nn.Parameter(weight.detach() * 1.5, requires_grad=False)
     elif how == "nn.init":
         torch.nn.init.normal_(weight)
+    elif how == "norm eps":  # Python state, no tensor changes
+        layer.output.LayerNorm.eps = 0.5
 
 
 @pytest.mark.parametrize(
     "how",
-    ["no_grad in-place", "load_state_dict", "data assignment", "embeddings in-place", "parameter replaced", "nn.init"],
+    [
+        "no_grad in-place",
+        "load_state_dict",
+        "data assignment",
+        "embeddings in-place",
+        "parameter replaced",
+        "nn.init",
+        "norm eps",
+    ],
 )
 def test_a_changed_frozen_parameter_invalidates_the_cache(how):
     prompt, _ = make_models()
@@ -354,13 +364,15 @@ def test_mezo_trajectory_with_the_cache_equals_the_trajectory_without():
         trainable = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
         optimizer = ZerothOrderSGD(trainable, lr=1e-2, eps=1e-3, seed=7)
         generator = torch.Generator().manual_seed(0)
-        losses = []
+        losses, seen = [], set()
         for step in range(6):  # reshuffled every step: examples meet new batch-mates and padding
             indices = torch.randperm(len(POOL_LENGTHS), generator=generator)[:4].tolist()
+            seen.update(indices)
             losses.append(mezo_step(prompt, optimizer, make_batch(indices, width=[None, 16][step % 2])))
         trajectories[cache_bytes] = (torch.stack(losses), dict(prompt.named_parameters()), prompt.depth_cache)
     (cached_losses, cached_params, cache), (losses, params, _) = trajectories[1 << 24], trajectories[0]
-    assert cache.hits > cache.misses  # the − pass and later steps were served from the cache
+    # Hand count: 6 steps × 2 passes × 4 rows looked up; each distinct example misses once, the rest are served.
+    assert (cache.misses, cache.hits) == (len(seen), 6 * 2 * 4 - len(seen))
     torch.testing.assert_close(cached_losses, losses, rtol=1e-6, atol=1e-6)
     for name, param in params.items():
         torch.testing.assert_close(cached_params[name], param, rtol=1e-6, atol=1e-7, msg=name)
@@ -425,7 +437,8 @@ def test_mezo_trainer_trains_and_evaluates_with_the_label_word_head(tmp_path):
     )
     trainer = MeZOTrainer(prompt, args, train_dataset=examples, eval_dataset=examples, data_collator=collate)
     trainer.train()
-    assert prompt.depth_cache.hits > 0
+    # Hand count: 4 steps × 2 passes × 4 rows = 32 lookups over two epochs of the 8 examples; each misses once.
+    assert (prompt.depth_cache.misses, prompt.depth_cache.hits) == (len(examples), 32 - len(examples))
     prediction = trainer.predict(examples)
     assert prediction.predictions.shape == (len(examples), len(LABEL_WORDS))
     assert prediction.metrics["test_loss"] > 0
@@ -535,3 +548,26 @@ def test_bert_checkpoint_without_mlm_head_loads_with_an_initialized_head(tmp_pat
     assert head.bias is head.decoder.bias and torch.equal(head.bias, torch.zeros(99))
     assert head.decoder.weight is model.bert.embeddings.word_embeddings.weight
     assert model(input_ids=torch.tensor([[2, 3, 4]]), mask_positions=torch.tensor([1])).logits.shape == (1, 2)
+
+
+def test_module_state_fingerprint_sees_peft_scaling_and_adapter_switches():
+    from peft import LoraConfig, get_peft_model
+
+    from hf_mezo.models.depth_cache import module_state_fingerprint
+
+    from .conftest import tiny_roberta_config
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        RobertaForMaskedLM(tiny_roberta_config()), LoraConfig(r=2, target_modules=["query", "value"])
+    )
+    layer = model.base_model.model.roberta.encoder.layer[0]
+    seen = [module_state_fingerprint([layer])]
+    layer.attention.self.query.set_scale("default", 0.5)  # peft's scaling: a dict entry, no tensor changes
+    seen.append(module_state_fingerprint([layer]))
+    model.base_model.disable_adapter_layers()
+    seen.append(module_state_fingerprint([layer]))
+    model.base_model.enable_adapter_layers()
+    seen.append(module_state_fingerprint([layer]))
+    assert len(set(seen[:3])) == 3 and seen[3] == seen[1]
+    assert module_state_fingerprint([layer]) == seen[3]  # and stable when nothing changes

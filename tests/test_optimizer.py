@@ -124,16 +124,35 @@ def test_bad_arguments_are_refused_before_work():
 def test_bf16_update_below_precision_moves_weights_with_stochastic_rounding():
     torch.manual_seed(0)
     p = nn.Parameter(torch.full((20_000,), 1.0, dtype=torch.bfloat16))
-    opt = ZerothOrderSGD([("w", p)], lr=1e-4, distribution="rademacher")
+    opt = ZerothOrderSGD([("w", p)], lr=1e-4, eps=1e-2, distribution="rademacher")
     z = opt.direction(p, 0)
     opt.accumulate(0, torch.tensor(1.0))
     opt.step()
     delta = p.detach().float() - 1.0
     # bf16 spacing at 1.0 is 2^-7 ≈ 7.8e-3, 78× the update 1e-4: nearest rounding would lose it entirely.
     assert delta.abs().max() > 0
-    # Unbiased: the mean update along -z matches lr (to sampling error of ±3σ).
+    # The update follows the perturbation the passes applied: fl(1 ± 0.01) = 1.0078125 / 0.98828125 in bf16.
+    applied = ((1.0 + 1e-2 * z).bfloat16().float() - (1.0 - 1e-2 * z).bfloat16().float()) / 2e-2
+    assert torch.allclose(applied.abs(), torch.full_like(applied, (1.0078125 - 0.98828125) / 2e-2))
+    # Unbiased: the mean update along -z matches lr·mean(applied·z) (to sampling error of ±3σ).
     projected = float((delta * -z).mean())
-    assert abs(projected - 1e-4) < 3 * 2**-7 / (20_000**0.5)
+    assert abs(projected - 1e-4 * float((applied * z).mean())) < 3 * 2**-7 / (20_000**0.5)
+
+
+def test_bf16_coordinates_whose_perturbation_rounds_away_stay_bit_identical():
+    """At ε = 1e-3 a bf16 weight of 1.0 sees θ ± εz = θ: the loss knows nothing of it, so it must not move."""
+    values = torch.cat([torch.full((9_000,), 1.0), torch.zeros(1_000)]).bfloat16()
+    p = nn.Parameter(values.clone())
+    opt = ZerothOrderSGD([("w", p)], lr=1e-2, eps=1e-3)
+    z = opt.direction(p, 0)
+    rounded_away = (values.float() + 1e-3 * z).bfloat16() == (values.float() - 1e-3 * z).bfloat16()
+    assert 0.9 < float(rounded_away[:9_000].float().mean()) and not rounded_away[9_000:].any()
+    opt.accumulate(0, torch.tensor(3.0))
+    with pytest.warns(RuntimeWarning, match=r"rounds back to θ for \d+% of 'w'"):
+        opt.step()
+    assert torch.equal(p.detach()[rounded_away], values[rounded_away])
+    moved = p.detach() != values
+    assert moved[~rounded_away].float().mean() > 0.5  # the small weights, whose perturbation was applied, train
 
 
 def test_direction_does_not_depend_on_the_number_of_drawing_threads():

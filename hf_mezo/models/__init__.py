@@ -17,6 +17,7 @@ from .prompt_mlm import (
     RobertaForPromptMaskedLM,
     XLMRobertaForPromptMaskedLM,
 )
+from .shared_prefix import SharedPrefix, SharedPrefixMixin, find_shared_prefix
 
 __all__ = [
     "BertForPromptMaskedLM",
@@ -30,7 +31,10 @@ __all__ = [
     "PromptMaskedLMMixin",
     "Qwen2ForPromptCausalLM",
     "RobertaForPromptMaskedLM",
+    "SharedPrefix",
+    "SharedPrefixMixin",
     "XLMRobertaForPromptMaskedLM",
     "encoder_layers",
+    "find_shared_prefix",
     "freeze_all_but_top_layers",
 ]

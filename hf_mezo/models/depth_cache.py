@@ -23,6 +23,13 @@ by PyTorch's design: an in-place op on `p.data` (`p.data.add_(…)`) bypasses th
 write below the cut call `clear()`. MeZO's own perturbation swaps `.data` of trainable parameters only, which
 lie above the cut by definition.
 
+Tensors are not all a frozen stack's state: a LayerNorm's `eps`, peft's LoRA `scaling` (`set_scale`), its
+active and disabled adapters, a module's `training` flag are plain Python attributes. The fingerprint
+therefore also covers every module's non-tensor attributes below the cut (`module_state_fingerprint`):
+numbers, strings, booleans, None, dtypes, devices, and lists/tuples/sets/dicts of those. Not covered, and
+documented as such: state held in other objects a module merely references (a `config` object read at run
+time, a closure), and Python globals. After changing such state below the cut, call `clear()`.
+
 Entries also record the autocast state they were computed under, so bf16-autocast and fp32 forwards never
 serve each other. Memory is bounded by `max_bytes` with least-recently-used eviction.
 """
@@ -125,6 +132,45 @@ def tensor_fingerprint(tensors: Iterable[torch.Tensor]) -> tuple:
     return tuple(
         (id(t), t.data_ptr(), t._version, t.requires_grad, t.dtype, t.device, tuple(t.shape)) for t in tensors
     )
+
+
+_SCALARS = (bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device)
+# nn.Module bookkeeping (tensors and submodules are fingerprinted elsewhere; hooks are not state of the computation
+# MeZO changes, and the perturbation's own hooks come and go on every pass).
+_SKIPPED_ATTRIBUTES = frozenset(
+    {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set", "_is_full_backward_hook"}
+    | {"_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs"}
+    | {"_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"}
+    | {"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"}
+    | {"training", "forward", "_old_forward", "_zo_perturbation_plan", "_compiled_call_impl"}
+)
+
+
+def _plain_value(value, depth: int = 0):
+    """A hashable copy of `value` if it is plain data (scalars and small containers of them), else None."""
+    if isinstance(value, _SCALARS):
+        return value
+    if depth < 3 and isinstance(value, (list, tuple)):
+        return (type(value).__name__, *(_plain_value(v, depth + 1) for v in value))
+    if depth < 3 and isinstance(value, (set, frozenset)):
+        return ("set", *sorted(repr(_plain_value(v, depth + 1)) for v in value))
+    if depth < 3 and isinstance(value, dict):
+        return ("dict", *sorted((repr(k), repr(_plain_value(v, depth + 1))) for k, v in value.items()))
+    return None
+
+
+def module_state_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
+    """The plain-data attributes of every module (and submodule) in `modules`: norm eps, peft scaling, ..."""
+    state = []
+    for root in modules:
+        for module in root.modules():
+            attributes = tuple(
+                (key, _plain_value(value))
+                for key, value in sorted(vars(module).items())
+                if key not in _SKIPPED_ATTRIBUTES and not callable(value) and _plain_value(value) is not None
+            )
+            state.append((id(module), type(module).__qualname__, attributes))
+    return tuple(state)
 
 
 def autocast_state(device: torch.device) -> tuple:

@@ -5,8 +5,9 @@ logits of the label words (" terrible" / " great") at the prompt's last token, w
 logits (`train_as_classification`). These classes add to the stock ``*ForCausalLM``:
 
 - Label-word head (`set_label_word_ids`): the forward returns class logits (batch × classes) and that loss. The
-  final norm and the LM head run at each row's last prompt token only, and the head multiplies only the label-word
-  rows (tied embeddings stay shared: the head reads the same Parameter object). The position is `mask_positions`
+  final norm and the LM head (for Llama and Qwen2 also the last layer's MLP) run at each row's last prompt token
+  only, and the head multiplies only the label-word rows (tied embeddings stay shared: the head reads the same
+  Parameter object). The position is `mask_positions`
   when given, else the token before the single label in causal-LM `labels`, else each row's last attended token —
   right or left padding alike.
 - Position ids default to counting from each row's first attended token (as `generate` does), so a left-padded row
@@ -16,6 +17,10 @@ logits (`train_as_classification`). These classes add to the stock ``*ForCausalL
   attended tokens, so left and right padding of one example share an entry. Served only for eval-mode (or
   dropout-free) forwards of `input_ids` without a KV cache; on a cache-served forward without label words the
   logits at padded positions are unspecified.
+- Shared prefix (`hf_mezo.models.shared_prefix`, on by default, `config.share_prefix`): a token prefix common to
+  every row (an instruction, demonstrations) is computed once per forward at batch size 1 and its keys/values
+  shared; above the depth-cache cut in every pass, below it once per batch of cache misses. Exact; where it
+  cannot be (dropout, sliding windows, other attention kernels, short prefixes, one row) the forward runs unshared.
 
 Module tree and parameter names are the stock class's: stock checkpoints load with no missing or unexpected keys,
 and `save_pretrained` writes checkpoints the stock classes load (the label words travel in the config).
@@ -32,7 +37,8 @@ from transformers.utils.generic import can_return_tuple
 
 from .depth_cache import cached_frozen_stack
 from .label_words import IGNORE_INDEX, class_targets
-from .prompt_lm import PromptLMMixin
+from .prompt_lm import PromptLMMixin, gathers_parameters
+from .shared_prefix import SharedPrefixMixin
 
 # Forward keywords the layer-by-layer path understands; any other non-empty keyword goes to the stock forward.
 _DIRECT_KWARGS = frozenset({"use_cache", "return_dict", "logits_to_keep"})
@@ -86,7 +92,7 @@ def last_prompt_positions(
     return (length - 1 - attended.flip(1).long().argmax(dim=1)).long()
 
 
-class PromptCausalLMMixin(PromptLMMixin):
+class PromptCausalLMMixin(SharedPrefixMixin, PromptLMMixin):
     """The label-word head and the depth cache, for a `transformers` decoder-only LM.
 
     Constructor arguments as `PromptLMMixin` (`label_word_ids`, `depth_cache_max_bytes`). Extra forward inputs:
@@ -108,8 +114,13 @@ class PromptCausalLMMixin(PromptLMMixin):
     def _final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _layer_inputs(self, hidden, attention_mask, position_ids) -> dict:
-        """What every layer needs besides its hidden states: the causal masks (by layer type) and positions."""
+    def _layer_inputs(self, hidden, attention_mask, position_ids, masks=None, cache=None) -> dict:
+        """What every layer needs besides its hidden states: the causal masks (by layer type) and positions.
+
+        `masks`/`cache` (shared-prefix path): a prepared 4-D mask for every layer, and the KV cache to read/extend.
+        """
+        if masks is not None:
+            return {"masks": {"full_attention": masks}, "position_ids": position_ids, "cache": cache}
         mask_kwargs = {
             "config": self.config,
             "inputs_embeds": hidden,
@@ -120,18 +131,27 @@ class PromptCausalLMMixin(PromptLMMixin):
         masks = {"full_attention": create_causal_mask(**mask_kwargs)}
         if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-        return {"masks": masks, "position_ids": position_ids}
+        return {"masks": masks, "position_ids": position_ids, "cache": cache}
 
     def _layer_mask(self, inputs: dict, index: int):
         layer_types = getattr(self.config, "layer_types", None)
         return inputs["masks"][layer_types[index] if layer_types else "full_attention"]
 
     def _run_layer(self, layer: nn.Module, index: int, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-        return layer(hidden, attention_mask=self._layer_mask(inputs, index), position_ids=inputs["position_ids"])
+        return layer(
+            hidden,
+            attention_mask=self._layer_mask(inputs, index),
+            position_ids=inputs["position_ids"],
+            cache=inputs["cache"],
+        )
 
-    def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids) -> torch.Tensor:
+    def _run_layers(self, start: int, stop: int, hidden, attention_mask, position_ids, input_ids=None) -> torch.Tensor:
         if start >= stop:  # everything below the head is cached: no masks or rotary tables to build
             return hidden
+        plan = self._shared_prefix_plan(input_ids, attention_mask, position_ids)
+        self.shared_prefix_stats["layer_runs"] += 1
+        if plan is not None:
+            return self._run_layers_shared(start, stop, hidden, position_ids, plan)
         inputs = self._layer_inputs(hidden, attention_mask, position_ids)
         layers = self._stack_layers()
         for index in range(start, stop):
@@ -150,12 +170,18 @@ class PromptCausalLMMixin(PromptLMMixin):
             return False
         return not [k for k, v in kwargs.items() if k not in _DIRECT_KWARGS and v is not None and v is not False]
 
-    def _hidden_states(self, depth, input_ids, attention_mask, position_ids) -> torch.Tensor:
-        """The last layer's output (batch, length, hidden), before the final norm; layers below `depth` cached."""
+    def _run_last_layer_at(self, layer, index, hidden, inputs, query_positions) -> torch.Tensor:
+        """The last layer's output at `query_positions` only (batch, hidden); by default the whole layer, gathered."""
+        output = self._run_layer(layer, index, hidden, inputs)
+        return output[torch.arange(output.shape[0], device=output.device), query_positions]
+
+    def _hidden_states(self, depth, input_ids, attention_mask, position_ids, query_positions=None) -> torch.Tensor:
+        """The last layer's output before the final norm: (batch, length, hidden), or (batch, hidden) at
+        `query_positions`. Layers below `depth` come from the depth cache."""
 
         def run_frozen_stack(input_ids, attention_mask, token_type_ids, position_ids):
             hidden = self._embed(input_ids, position_ids)
-            return self._run_layers(0, depth, hidden, attention_mask, position_ids)
+            return self._run_layers(0, depth, hidden, attention_mask, position_ids, input_ids)
 
         if depth:
             hidden = cached_frozen_stack(
@@ -163,7 +189,20 @@ class PromptCausalLMMixin(PromptLMMixin):
             )
         else:
             hidden = self._embed(input_ids, position_ids)
-        return self._run_layers(depth, len(self._stack_layers()), hidden, attention_mask, position_ids)
+        layers = self._stack_layers()
+        if query_positions is None:
+            return self._run_layers(depth, len(layers), hidden, attention_mask, position_ids, input_ids)
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        if depth == len(layers):
+            return hidden[rows, query_positions]
+        if self._shared_prefix_plan(input_ids, attention_mask, position_ids) is not None:
+            # The shared-prefix path runs every layer whole: the rows' suffixes attend to the prefix's cached keys
+            # and values, so the last layer's MLP-at-the-query shortcut does not apply there.
+            hidden = self._run_layers(depth, len(layers), hidden, attention_mask, position_ids, input_ids)
+            return hidden[rows, query_positions]
+        hidden = self._run_layers(depth, len(layers) - 1, hidden, attention_mask, position_ids, input_ids)
+        inputs = self._layer_inputs(hidden, attention_mask, position_ids)
+        return self._run_last_layer_at(layers[-1], len(layers) - 1, hidden, inputs, query_positions)
 
     @can_return_tuple
     def forward(
@@ -220,10 +259,15 @@ class PromptCausalLMMixin(PromptLMMixin):
 
         batch = reference.shape[0]
         head = getattr(self, self._lm_head_name)
+        positions = None
+        if label_mode:
+            new_tokens = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -length:]
+            positions = last_prompt_positions(input_ids, new_tokens, labels, mask_positions, length, batch)
+            positions = positions.to(reference.device)
         if direct:
             if position_ids is None:
                 position_ids = torch.arange(length, device=input_ids.device).unsqueeze(0)
-            hidden = self._hidden_states(depth, input_ids, attention_mask, position_ids)
+            hidden = self._hidden_states(depth, input_ids, attention_mask, position_ids, positions)
             if not label_mode:  # the stock head and loss, on the cached decoder's output
                 logits = head(self._final_norm(hidden))
                 loss = None
@@ -243,12 +287,9 @@ class PromptCausalLMMixin(PromptLMMixin):
                 **{k: v for k, v in kwargs.items() if k not in ("logits_to_keep", "return_dict")},
             )
             hidden = outputs.last_hidden_state  # the final norm already applied
-        new_tokens_mask = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -length:]
-        positions = last_prompt_positions(input_ids, new_tokens_mask, labels, mask_positions, length, batch)
-        positions = positions.to(hidden.device)
-        features = hidden[torch.arange(batch, device=hidden.device), positions]
-        if direct:
-            features = self._final_norm(features)  # at the last prompt token only
+            positions = positions.to(hidden.device)
+            hidden = hidden[torch.arange(batch, device=hidden.device), positions]
+        features = self._final_norm(hidden) if direct else hidden  # direct: the final norm at the last token only
         logits, label_words = self._label_word_logits(head, features)
         targets = None
         if class_labels is not None:
@@ -274,8 +315,8 @@ class _RotaryDecoderMixin(PromptCausalLMMixin):
     def _embed(self, input_ids, position_ids):
         return self.model.embed_tokens(input_ids)
 
-    def _layer_inputs(self, hidden, attention_mask, position_ids) -> dict:
-        inputs = super()._layer_inputs(hidden, attention_mask, position_ids)
+    def _layer_inputs(self, hidden, attention_mask, position_ids, masks=None, cache=None) -> dict:
+        inputs = super()._layer_inputs(hidden, attention_mask, position_ids, masks, cache)
         inputs["position_embeddings"] = self.model.rotary_emb(hidden, position_ids=position_ids)
         return inputs
 
@@ -285,7 +326,23 @@ class _RotaryDecoderMixin(PromptCausalLMMixin):
             attention_mask=self._layer_mask(inputs, index),
             position_ids=inputs["position_ids"],
             position_embeddings=inputs["position_embeddings"],
+            cache=inputs["cache"],
         )
+
+    def _run_last_layer_at(self, layer, index, hidden, inputs, query_positions):
+        """The stock decoder layer's forward with its MLP block (and residuals) at `query_positions` only: the
+        attention needs every position's keys and values, nothing after it does."""
+        if gathers_parameters(layer):  # a sharded layer runs whole
+            return super()._run_last_layer_at(layer, index, hidden, inputs, query_positions)
+        attended, _ = layer.self_attn(
+            hidden_states=layer.input_layernorm(hidden),
+            attention_mask=self._layer_mask(inputs, index),
+            position_ids=inputs["position_ids"],
+            position_embeddings=inputs["position_embeddings"],
+        )
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        hidden = hidden[rows, query_positions] + attended[rows, query_positions]
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     def _final_norm(self, hidden):
         return self.model.norm(hidden)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .depth_cache import DEFAULT_MAX_BYTES, DepthCache, tensor_fingerprint
+from .depth_cache import DEFAULT_MAX_BYTES, DepthCache, module_state_fingerprint, tensor_fingerprint
 from .label_words import LabelWordDecoder, label_word_loss, validate_label_word_ids
 
 
@@ -200,6 +200,11 @@ class PromptLMMixin:
         if any(_drops_out(m) for module in frozen for m in module.modules()) or _drops_layers(self):
             return 0  # active dropout (or LayerDrop) makes the frozen stack random: nothing to reuse
         tensors = [t for module in frozen for t in (*module.parameters(), *module.buffers())]
-        fingerprint = (depth, self.config._attn_implementation, tensor_fingerprint(tensors))
+        fingerprint = (
+            depth,
+            self.config._attn_implementation,
+            tensor_fingerprint(tensors),
+            module_state_fingerprint(frozen),
+        )
         self.depth_cache.validate(fingerprint, tensors)
         return depth

@@ -14,19 +14,26 @@ alive, which is the forward's memory peak. So for weights of at least `STREAM_MI
 
 Both give bit-for-bit the values of the whole-weight swap (`ZerothOrderSGD.perturbed_slice` does the
 same elementwise arithmetic on a slice), so the choice is invisible to the result.
+
+The streamed computation replaces the module's own `forward` for the pass. A module under an
+Accelerate hook (`device_map`, `cpu_offload`: `add_hook_to_module` wraps `forward` and keeps the
+original as `_old_forward`) gets `_old_forward` replaced instead, so the hook still moves inputs and
+outputs in the perturbed pass, and both attributes are put back as they were afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .directions import CHUNK_NUMEL
-from .optimizer import ZerothOrderSGD, add_scaled
+from ..directions import CHUNK_NUMEL
+from ..optimizer import add_scaled
+from .state import PassState
 
 # Weights at least this large (16 MiB in fp32) are streamed rather than swapped.
 STREAM_MIN_NUMEL = 1 << 22
@@ -38,6 +45,8 @@ def streams(module: nn.Module, param: nn.Parameter) -> bool:
     """Whether `param` is `module`'s weight and large enough, in a module type we can stream exactly."""
     if param.numel() < STREAM_MIN_NUMEL or getattr(module, "weight", None) is not param or param.dim() != 2:
         return False
+    if "forward" in module.__dict__ and not _accelerate_hooked(module):
+        return False  # someone else's instance-level forward: computing the layer ourselves would bypass it
     if type(module) is nn.Linear or hasattr(module, "active_rows"):  # the label-word head's decoder
         return True
     return type(module) is nn.Embedding and module.max_norm is None
@@ -54,11 +63,18 @@ def block_rows(row_numel: int, target: int = BLOCK_NUMEL) -> int:
     return max(1, target // row_numel)
 
 
-def streamed_forward(
-    module: nn.Module, optimizer: ZerothOrderSGD, direction: int, scale: float, on_use: Callable[[], None]
-) -> Callable[..., torch.Tensor]:
+def _accelerate_hooked(module: nn.Module) -> bool:
+    return hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
+
+
+def streamed_forward(module: nn.Module, state: PassState) -> Callable[..., torch.Tensor]:
     """A replacement `forward` for `module` that sees its weight perturbed by scale·z_direction."""
+    optimizer, direction, scale = state.optimizer, state.direction, state.scale
     weight = module.weight
+
+    def on_use() -> None:
+        state.touched.add(id(weight))
+
     rows, row_numel = weight.shape
     step_rows = block_rows(row_numel)
 
@@ -100,3 +116,44 @@ def streamed_forward(
         return out
 
     return embedding if type(module) is nn.Embedding else linear
+
+
+@contextlib.contextmanager
+def streaming(modules: list[tuple[nn.Module, nn.Parameter]], state: PassState) -> Iterator[None]:
+    """Within the block, each module computes with its weight streamed at θ + s·z (unless already held)."""
+    restores = []
+    try:
+        for module, weight in modules:
+            restores.append(_install(module, weight, state))
+        yield
+    finally:
+        for restore in reversed(restores):
+            restore()
+
+
+def _install(module: nn.Module, weight: nn.Parameter, state: PassState) -> Callable[[], None]:
+    attribute = "_old_forward" if _accelerate_hooked(module) else "forward"
+    had_own = attribute in module.__dict__
+    previous = module.__dict__.get(attribute)
+    plain_call = previous if had_own else type(module).forward.__get__(module)
+    perturbed_call = streamed_forward(module, state)
+
+    def forward(*args, **kwargs):
+        state.module_runs[id(module)] += 1
+        if id(weight) in state.active:  # already held (whole-forward, or an enclosing swap): use it as it is
+            return plain_call(*args, **kwargs)
+        state.streaming.add(id(weight))
+        try:
+            return perturbed_call(*args, **kwargs)
+        finally:
+            state.streaming.discard(id(weight))
+
+    setattr(module, attribute, forward)
+
+    def restore() -> None:
+        if had_own:
+            setattr(module, attribute, previous)
+        else:
+            delattr(module, attribute)
+
+    return restore
