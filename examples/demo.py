@@ -183,13 +183,17 @@ def plot(results: dict, path: Path) -> None:
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for name, color in (("mezo", "tab:green"), ("adamw", "tab:orange")):
-        steps, acc = zip(*([(0, results["zero_shot"]["test_accuracy"])] + results[name]["curve"]))
-        ax_acc.plot(steps, acc, color=color, label=f"{name} (final {results[name]['test_accuracy']:.1%})")
-        ax_loss.plot(*zip(*results[name]["loss"]), color=color, label=name)
-    ax_acc.axhline(results["linear_probe"]["test_accuracy"], color="gray", linestyle="--", label="linear probe")
-    ax_acc.set(xlabel="step", ylabel="test accuracy (872)", xscale="symlog", title="SmolLM2-135M, SST-2 k=512")
+        ax_acc.plot(
+            *zip(*results[name]["curve"]), color=color, label=f"{name} (final {results[name]['test_accuracy']:.1%})"
+        )
+        if results[name]["loss"]:
+            ax_loss.plot(*zip(*results[name]["loss"]), color=color, marker=".", label=name)
+    for name, style in (("linear_probe", "--"), ("zero_shot", ":")):
+        accuracy = results[name]["test_accuracy"]
+        ax_acc.axhline(accuracy, color="gray", linestyle=style, label=f"{name.replace('_', ' ')} ({accuracy:.1%})")
+    ax_acc.set(xlabel="step", ylabel="test accuracy (872)", xscale="log", title="SmolLM2-135M, SST-2 k=512, seed 42")
     ax_acc.legend(loc="lower right")
-    ax_loss.set(xlabel="step", ylabel="training loss", xscale="symlog", title="training loss")
+    ax_loss.set(xlabel="step", ylabel="training loss", xscale="log", title="training loss (final norm + label rows)")
     ax_loss.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -284,7 +288,7 @@ def main(argv=None) -> dict:
         learning_rate=args.adamw_learning_rate,
         lr_scheduler_type="constant",
         optim="adamw_torch",
-        **common,
+        **{**common, "logging_steps": max(1, args.adamw_steps // 20)},
     )
     results["adamw"] = train_head(
         Trainer, adamw_args, copy.deepcopy(head), train, test, max(1, args.adamw_steps // 20), float("inf")
