@@ -80,6 +80,7 @@ from hf_mezo.models import (
     XLMRobertaForPromptMaskedLM,
     freeze_all_but_top_layers,
 )
+from hf_mezo.models.gguf import load_gguf_model
 from hf_mezo.prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
 from hf_mezo.prompting.demonstrations import select_demonstrations, with_demonstrations, with_instruction
 
@@ -276,15 +277,7 @@ def _from_pretrained(model_cls, model_args: ModelArguments):
     """(model, loading info) from a checkpoint directory, or from the GGUF file `--gguf_file` in it."""
     if model_args.gguf_file is None:
         return model_cls.from_pretrained(model_args.model_name_or_path, output_loading_info=True)
-    # TODO(lead): hf_mezo.models.gguf comes with branch issue9-demo; `load_gguf_model(path, model_class)` is its API
-    # as of 13:52 UTC (dequantized weights in a plain model, which Trainer.__init__ accepts). Check it on merge.
-    try:
-        from hf_mezo.models.gguf import load_gguf_model
-    except ImportError:
-        raise ValueError(
-            "--gguf_file needs hf_mezo.models.gguf (the GGUF loader that drops transformers' quantized marker, "
-            "without which the Trainer refuses the model); it is not in this tree yet."
-        ) from None
+    # Dequantized into a plain model: transformers' GGUF loader marks the model quantized, which Trainer refuses.
     return load_gguf_model(os.path.join(model_args.model_name_or_path, model_args.gguf_file), model_cls), {}
 
 
