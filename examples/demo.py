@@ -212,6 +212,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--zo_num_directions", type=int, default=1)
     parser.add_argument("--batch_size", type=int, default=1024)
     parser.add_argument("--lr_scheduler_type", default="constant")
+    parser.add_argument(
+        "--weight_decay",
+        type=float,
+        default=0.02,
+        help="decay of the label rows (not the norm) for MeZO and AdamW alike: the L2 penalty of the probe's C=0.1 on "
+        "512 examples is 1/(C·n) ≈ 0.02; without it both overfit (docs/demo_smollm2.md)",
+    )
     parser.add_argument("--adamw_learning_rate", type=float, default=1e-3)
     parser.add_argument("--adamw_steps", type=int, default=500)
     parser.add_argument("--eval_every", type=int, default=500)
@@ -268,7 +275,7 @@ def main(argv=None) -> dict:
         disable_tqdm=True,
         dataloader_drop_last=False,
         seed=42,
-        weight_decay=0.0,
+        weight_decay=args.weight_decay,
     )
     mezo_args = MeZOConfig(
         output_dir=str(output_dir / "mezo"),
