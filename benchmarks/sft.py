@@ -109,7 +109,7 @@ def worker(trainer_name: str, options: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--max_steps", type=int, default=30)
     parser.add_argument("--num_train", type=int, default=64)
     parser.add_argument("--num_eval", type=int, default=32)
     parser.add_argument("--adamw_lr", type=float, default=1e-5, help="AdamW's learning rate (MeZO: the example's).")

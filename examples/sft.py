@@ -46,7 +46,7 @@ LABELS = {0: " negative", 1: " positive"}
 # The example's defaults (each a flag): a few minutes on 2 CPU cores. bf16 off: SFTConfig's default
 # bf16=True means CPU autocast, slow there; on GPUs pass --bf16 true.
 EXAMPLE_DEFAULTS = dict(
-    max_steps=100,
+    max_steps=30,
     per_device_train_batch_size=8,
     per_device_eval_batch_size=16,
     learning_rate=2e-5,
