@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,7 +44,7 @@ from hf_mezo.adapters import lora_config_for_mezo
 from hf_mezo.models import LlamaForPromptCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_variant import CAUSAL_SHAPES, CAUSAL_VOCAB_SIZE, label_words, mezo_step, timed, trainable_optimizer  # noqa: E402
+from model_variant import CAUSAL_SHAPES, CAUSAL_VOCAB_SIZE, label_words, mezo_step, synchronize, trainable_optimizer  # noqa: E402
 
 
 @dataclass
@@ -87,6 +89,20 @@ def prefixes(args: BenchmarkArguments, vocab_size: int, generator) -> dict[str, 
     return {"instruction": instruction, f"{args.shots}-shot": torch.cat(demonstrations)}
 
 
+def alternating_medians(fn, args: BenchmarkArguments) -> dict[bool, float]:
+    """Median seconds of fn(False) and fn(True), run alternately `repeats` times after `warmup` rounds."""
+    times = {False: [], True: []}
+    for round_index in range(args.warmup + args.repeats):
+        for share in (False, True):
+            synchronize(args.device)
+            start = time.perf_counter()
+            fn(share)
+            synchronize(args.device)
+            if round_index >= args.warmup:
+                times[share].append(time.perf_counter() - start)
+    return {share: statistics.median(values) for share, values in times.items()}
+
+
 def measure(model, batch, args: BenchmarkArguments, with_forward: bool = True) -> dict:
     """Forward (optional) and MeZO step, sharing off then on. `model` may be a peft model around the prompt LM."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -97,14 +113,22 @@ def measure(model, batch, args: BenchmarkArguments, with_forward: bool = True) -
         base.share_prefix = share
         with torch.no_grad():
             logits[share] = model(**batch).logits
-    for share in (False, True):
+    # Off and on alternate within each repeat, so a change in the machine's load hits both alike.
+    optimizers = {share: trainable_optimizer(model) for share in (False, True)}
+
+    def forward(share):
         base.share_prefix = share
-        key = "shared" if share else "unshared"
-        if with_forward:
-            with torch.no_grad():
-                results[key]["forward"] = timed(lambda: model(**batch), args)
-        optimizer = trainable_optimizer(model)
-        results[key]["step"] = timed(lambda optimizer=optimizer: mezo_step(model, optimizer, batch), args)
+        with torch.no_grad():
+            model(**batch)
+
+    def step(share):
+        base.share_prefix = share
+        mezo_step(model, optimizers[share], batch)
+
+    for name, fn in (("forward", forward), ("step", step)) if with_forward else (("step", step),):
+        times = alternating_medians(fn, args)
+        for share, seconds in times.items():
+            results["shared" if share else "unshared"][name] = seconds
     base.reset_shared_prefix_stats()
     with torch.no_grad():
         model(**batch)
