@@ -128,13 +128,14 @@ class PromptTemplate:
             )
 
     def __repr__(self) -> str:
-        return f"PromptTemplate({self.source!r})"
+        return f"{type(self).__name__}({self.source!r})"
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, PromptTemplate) and self.parts == other.parts
+        # Same class and same parts: a causal template reads its parts differently from a cloze one.
+        return type(other) is type(self) and self.parts == other.parts
 
     def __hash__(self) -> int:
-        return hash(self.parts)
+        return hash((type(self).__name__, self.parts))
 
     # ---- encoding --------------------------------------------------------------------------------
 
@@ -325,15 +326,6 @@ class CausalPromptTemplate(PromptTemplate):
                 f"template {source!r} puts the sentence after the label word's slot; a causal LM predicts the label "
                 "word from the text before it, so the sentence must come first, e.g. '{sentence} It was'."
             )
-
-    def __repr__(self) -> str:
-        return f"CausalPromptTemplate({self.source!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, CausalPromptTemplate) and self.parts == other.parts
-
-    def __hash__(self) -> int:
-        return hash(("causal", self.parts))
 
     def encode_batch(
         self, tokenizer: PreTrainedTokenizerBase, sentences: Sequence[str], max_length: int | None = None
