@@ -162,18 +162,25 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                     self.param_names[id(p)] = name
                     yield name, p, group
 
+    def _direction_key(self, param: torch.Tensor, direction: int) -> dict:
+        """What z of `param` is a function of (besides the position): its name and size, the run seed, the
+        current step, the direction index and the distribution."""
+        group = self.param_groups[0]
+        return {
+            "name": self.param_names[id(param)],
+            "numel": param.numel(),
+            "run_seed": group["seed"],
+            "step": group["zo_step"],
+            "direction": direction,
+            "distribution": group["distribution"],
+        }
+
     def direction(
         self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         """z_direction of `param` for the current step, flattened, in its draw dtype (see `directions`)."""
-        group = self.param_groups[0]
         return draw_direction(
-            self.param_names[id(param)],
-            param.numel(),
-            run_seed=group["seed"],
-            step=group["zo_step"],
-            direction=direction,
-            distribution=group["distribution"],
+            **self._direction_key(param, direction),
             dtype=draw_dtype(param.dtype),
             device=param.device,
             start=start,
@@ -206,15 +213,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
     ) -> torch.Tensor:
         """values + scale·z for elements [start, …) of `param`'s flattened z, fused chunk by chunk (see
         `directions.add_direction`); `out=values` updates in place."""
-        group = self.param_groups[0]
         return add_direction(
             values,
-            self.param_names[id(param)],
-            param.numel(),
-            run_seed=group["seed"],
-            step=group["zo_step"],
-            direction=direction,
-            distribution=group["distribution"],
+            **self._direction_key(param, direction),
             scale=scale,
             start=start,
             out=out,
