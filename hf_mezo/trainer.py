@@ -143,9 +143,9 @@ class MeZOMixin:
             # Here rather than in __init__ only: a model from `model_init`, and a trial's zo_train_top_layers.
             if self.zo["zo_train_top_layers"] is not None:
                 freeze_all_but_top_layers(opt_model, self.zo["zo_train_top_layers"])
-            check_perturbable(opt_model, [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad])
-            decay = set(self.get_decay_parameter_names(opt_model))
             named = [(n, p) for n, p in opt_model.named_parameters() if p.requires_grad]
+            check_perturbable(opt_model, named)
+            decay = set(self.get_decay_parameter_names(opt_model))
             groups = [
                 {"params": [(n, p) for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
                 {"params": [(n, p) for n, p in named if n not in decay], "weight_decay": 0.0},
