@@ -53,7 +53,9 @@ def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> Non
         raise ValueError(f"zo_num_directions must be None (the method's default) or an integer ≥ 1, got {n!r}.")
     distribution = settings["zo_distribution"]
     if distribution is not None and distribution not in ZO_DISTRIBUTIONS:
-        raise ValueError(f"zo_distribution must be None (the method's default) or one of {ZO_DISTRIBUTIONS}, got {distribution!r}.")
+        raise ValueError(
+            f"zo_distribution must be None (the method's default) or one of {ZO_DISTRIBUTIONS}, got {distribution!r}."
+        )
     resolve_method(settings["zo_method"], **method_knobs(settings))  # the knobs must fit the method
 
     seed = settings["zo_seed"]
@@ -183,13 +185,13 @@ class ZerothOrderArguments:
     )
     zo_rank: int | None = field(
         default=None,
-        metadata={"help": "Rank r of factored directions (lozo: 2, zo_muon: 8 when None). Matrices with min(m, n) ≤ r get full directions."},
+        metadata={
+            "help": "Rank r of factored directions (lozo: 2, zo_muon: 8 when None). Matrices with min(m, n) ≤ r get full directions."
+        },
     )
     zo_refresh_interval: int | None = field(
         default=None,
-        metadata={
-            "help": "Steps a shared factor is kept (lozo: V, 50; zo_muon: the subspace, 100 when None)."
-        },
+        metadata={"help": "Steps a shared factor is kept (lozo: V, 50; zo_muon: the subspace, 100 when None)."},
     )
     zo_momentum: float | None = field(
         default=None,

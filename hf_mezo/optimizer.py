@@ -224,7 +224,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         """What z of `param` is a function of (besides the position): its name and shape, the run seed, the
         current step and the direction (probe) index; the family adds its own knobs."""
         group = self.param_groups[0]
-        return DirectionKey(self.param_names[id(param)], tuple(param.shape), group["seed"], group["zo_step"], direction)
+        return DirectionKey(
+            self.param_names[id(param)], tuple(param.shape), group["seed"], group["zo_step"], direction
+        )
 
     def factored(self, param: torch.Tensor) -> bool:
         """Whether `param`'s directions are a product of small factors (low-rank / subspace families)."""
@@ -355,7 +357,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         fresh = None
         for probe, c in enumerate(coefficients):
             if c != 0.0:
-                factor = family.fresh_factor(DirectionKey(key.name, key.shape, key.run_seed, key.step, probe), dtype, device)
+                factor = family.fresh_factor(
+                    DirectionKey(key.name, key.shape, key.run_seed, key.step, probe), dtype, device
+                )
                 fresh = factor * c if fresh is None else fresh.add_(factor, alpha=c)
         if fresh is None:
             fresh = torch.zeros_like(family.fresh_factor(key, dtype, device))

@@ -92,7 +92,9 @@ class ZerothOrderMethod:
         )
         if self.directions != "full":
             family.rest = FullDirections(self.distribution)
-        estimator = CentralDifference() if self.estimator == "central" else OneSided(self.estimator.endswith("normalized"))
+        estimator = (
+            CentralDifference() if self.estimator == "central" else OneSided(self.estimator.endswith("normalized"))
+        )
         if self.update == "orthogonalized":
             update = Orthogonalized(self.momentum)
         elif self.update == "momentum" or self.momentum > 0:
@@ -113,7 +115,9 @@ def register_method(method: ZerothOrderMethod) -> ZerothOrderMethod:
 
 
 register_method(ZerothOrderMethod("mezo"))
-register_method(ZerothOrderMethod("fzoo", estimator="one_sided_normalized", num_directions=4, distribution="rademacher"))
+register_method(
+    ZerothOrderMethod("fzoo", estimator="one_sided_normalized", num_directions=4, distribution="rademacher")
+)
 register_method(ZerothOrderMethod("lozo", directions="low_rank", rank=2, refresh_interval=50))
 register_method(
     ZerothOrderMethod(

@@ -129,7 +129,9 @@ class FactoredDirections:
         cache_key = ("fresh", key.name, key.shape, key.run_seed, key.step, key.probe, dtype, torch.device(device))
         if cache_key not in self._cache:
             rows, tag = (m, "#U") if self.kind == "low_rank" else (n, "#S")
-            self._cache[cache_key] = self._gaussian(key.name + tag, rows, key.run_seed, key.step, key.probe, dtype, device)
+            self._cache[cache_key] = self._gaussian(
+                key.name + tag, rows, key.run_seed, key.step, key.probe, dtype, device
+            )
         return self._cache[cache_key]
 
     def factors(self, key: DirectionKey, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -162,7 +164,9 @@ class FactoredDirections:
         n = key.shape[1]
         end = key.numel if end is None else end
         if not 0 <= start <= end <= key.numel:
-            raise ValueError(f"direction slice [{start}, {end}) is outside parameter {key.name!r} of {key.numel} elements")
+            raise ValueError(
+                f"direction slice [{start}, {end}) is outside parameter {key.name!r} of {key.numel} elements"
+            )
         r0, r1 = start // n, -(-end // n)
         return self.rows(key, dtype, device, r0, r1).view(-1)[start - r0 * n : end - r0 * n]
 

@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from ..shards import is_sharded
+from .low_rank import low_rank_forward
 from .module_swap import swapping
 from .plan import Plan, plan_for
 from .reads import ReadMonitor
 from .sharded import sharded
-from .low_rank import low_rank_forward
 from .state import PassState, PerturbationError
 from .streamed import streaming
 from .whole_forward import held

@@ -122,13 +122,14 @@ def streamed_forward(module: nn.Module, state: PassState) -> Callable[..., torch
 def streaming(
     modules: list[tuple[nn.Module, nn.Parameter]],
     state: PassState,
-    build: Callable[[nn.Module, PassState], Callable[..., torch.Tensor]] = streamed_forward,
+    build: Callable[[nn.Module, PassState], Callable[..., torch.Tensor]] | None = None,
 ) -> Iterator[None]:
     """Within the block, each module computes with its weight streamed at θ + s·z (unless already held).
 
     `build(module, state)` makes the perturbed computation (`streamed_forward`; the low-rank transient term
     of `low_rank` shares this installation).
     """
+    build = streamed_forward if build is None else build  # looked up at call time (tests wrap it)
     restores = []
     try:
         for module, weight in modules:
