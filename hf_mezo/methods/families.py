@@ -15,7 +15,8 @@
 
 Factors are drawn by the same seeded stream under derived names (`<param>#U`, `#V`, `#P`, `#S`), with the
 refresh period in place of the step for the shared factor: a trajectory stays a function of (run seed,
-step, probe, name). They are small (r·(m + n) values) and cached for the current step.
+step, probe, name). They are small (r·(m + n) values): fresh factors are cached for the current step,
+shared ones for their period.
 """
 
 from __future__ import annotations
@@ -115,6 +116,8 @@ class FactoredDirections:
         m, n = key.shape
         cache_key = ("shared", key.name, key.shape, key.run_seed, period, dtype, torch.device(device))
         if cache_key not in self._cache:
+            for stale in [k for k in self._cache if k[0] == "shared" and k[1:3] == cache_key[1:3]]:
+                del self._cache[stale]  # another period's factor of this parameter
             rows = n if self.kind == "low_rank" else m
             tag = "#V" if self.kind == "low_rank" else "#P"
             factor = self._gaussian(key.name + tag, rows, key.run_seed, period, 0, dtype, device)
@@ -148,8 +151,10 @@ class FactoredDirections:
         ).view(rows, self.rank)  # fmt: skip
 
     def clear(self) -> None:
-        """Forget the cached factors (called after each update: the next step draws fresh ones)."""
-        self._cache.clear()
+        """Forget the fresh factors (called after each update: the next step draws new ones). Shared factors stay
+        cached for the rest of their refresh period (a QR per matrix per period, not per step)."""
+        for cache_key in [k for k in self._cache if k[0] == "fresh"]:
+            del self._cache[cache_key]
 
     # ---- z and θ + s·z -----------------------------------------------------------------------------
 

@@ -28,7 +28,9 @@ from torch import nn
 from . import low_rank as low_rank_strategy
 from . import streamed as streamed_strategy
 
-_PLAN_ATTRIBUTE = "_zo_perturbation_plan"
+_PLAN_ATTRIBUTE = "_zo_perturbation_plan"  # the plan of the latest pass
+_PLANS_ATTRIBUTE = "_zo_perturbation_plans"
+_MAX_PLANS = 8  # a model trained by a few optimizers in turn (benchmarks) keeps each one's plan
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -130,8 +132,11 @@ def plan_for(model: nn.Module, trainable: list[nn.Parameter], optimizer=None) ->
     """
     factored = tuple(optimizer.factored(p) for p in trainable) if optimizer is not None else ()
     key = (is_compiled(model), streamed_strategy.STREAM_MIN_NUMEL, tuple(id(p) for p in trainable), factored)
-    plan = model.__dict__.get(_PLAN_ATTRIBUTE)
-    if plan is None or plan.key != key:
-        plan = build_plan(model, trainable, key, optimizer)
-        model.__dict__[_PLAN_ATTRIBUTE] = plan
+    plans = model.__dict__.setdefault(_PLANS_ATTRIBUTE, {})  # by key: alternating optimizers keep their plans
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = build_plan(model, trainable, key, optimizer)
+    model.__dict__[_PLAN_ATTRIBUTE] = plan
     return plan
