@@ -279,3 +279,67 @@ def test_newton_schulz_equalises_singular_values():
         1.0,
         abs_tol=0.02,
     )
+
+
+@pytest.mark.parametrize("method", ["lozo", "zo_muon"])
+def test_factored_methods_through_the_depth_cache_and_the_shared_prefix_float64(method, tmp_path):
+    """OPT prompt LM, top layer trainable, depth cache and shared prefix on: each probe's g_j = zᵀ∇L of the unshared
+    model (autograd), with the top layer's Linear weights perturbed by the low-rank transient term."""
+    from datasets import Dataset
+
+    from hf_mezo.models import freeze_all_but_top_layers
+
+    from .test_shared_prefix import make_models, prefixed_batch
+
+    # SDPA keeps OPT float64 throughout (eager attention's softmax is float32); SDPA has no double backward, so the
+    # second-order term of the one-sided probes is a central difference of autograd gradients instead.
+    prompt, _ = make_models("opt", dtype=torch.float64)
+    freeze_all_but_top_layers(prompt, 1)
+    ids, mask = prefixed_batch("right", suffixes=[3, 5, 2, 4, 1, 6, 3, 2])
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": [0, 1, 2] * 2 + [0, 1]})  # fmt: skip
+    eps = 1e-6
+    args = mezo_args(tmp_path, learning_rate=1e-3, zo_eps=eps, weight_decay=0.0, zo_method=method, zo_rank=2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor(data["labels"])}
+    named = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
+    prompt.share_prefix = False
+
+    def gradient_along(shift=None, h=0.0):
+        with torch.no_grad():
+            originals = [p.detach().clone() for _, p in named]
+            if shift is not None:
+                for n, p in named:
+                    p.add_(shift[n], alpha=h)
+        grads = torch.autograd.grad(prompt(**batch).loss, [p for _, p in named])
+        with torch.no_grad():
+            for (_, p), original in zip(named, originals):
+                p.copy_(original)
+        return grads
+
+    grads = gradient_along()
+    prompt.share_prefix = True
+    prompt.reset_shared_prefix_stats()
+
+    trainer = MeZOTrainer(model=prompt, args=args, train_dataset=data)
+    trainer.create_optimizer()
+    opt = trainer.zo_optimizer
+    assert any(opt.factored(p) for _, p in named)
+    expected = []
+    for j in range(opt.num_directions):
+        zj = {n: opt.direction(p, j).view_as(p) for n, p in named}
+        directional = sum((g * zj[n]).sum() for (n, _), g in zip(named, grads))
+        if METHODS[method].estimator != "central":  # + ε/2·zᵀHz, zᵀHz = zᵀ(∇L(θ + hz) − ∇L(θ − hz))/2h, h = 1e-5
+            prompt.share_prefix = False
+            plus, minus = gradient_along(zj, 1e-5), gradient_along(zj, -1e-5)
+            prompt.share_prefix = True
+            curvature = sum(((a - b) * zj[n]).sum() for (n, _), a, b in zip(named, plus, minus)) / 2e-5
+            directional = directional + eps / 2 * curvature
+        expected.append(float(directional))
+    records = []
+    _recording_step(opt, records)
+    trainer.train()
+    scale = max(abs(e) for e in expected)
+    for m, e in zip(records[0]["g"].tolist(), expected):
+        assert abs(m - e) <= 1e-6 * scale, (records[0]["g"], expected)
+    assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2
+    plan = prompt.__dict__["_zo_perturbation_plan"]
+    assert plan.transient, "the top layer's Linear weights should take the low-rank transient path"
