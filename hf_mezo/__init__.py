@@ -19,6 +19,7 @@ from .optimizer import ZerothOrderSGD
 from .perturbation import PerturbationError, perturbed, perturbed_forward
 from .precision import float32_logits
 from .prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
+from .seed_log import SeedLogError, load_seed_log, replay_seed_log, write_seed_log_dir
 from .seq2seq import MeZOSeq2SeqConfig, MeZOSeq2SeqTrainer
 from .trainer import MeZOMixin, MeZOTrainer
 
@@ -53,6 +54,7 @@ __all__ += [
     "prefix_config_for_mezo",
     "token_f1",
 ]
+__all__ += ["SeedLogError", "load_seed_log", "replay_seed_log", "write_seed_log_dir"]
 __all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer"]
 __all__ += ["MeZOSFTConfig", "MeZOSFTTrainer"]
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ ZO_DEFAULTS: dict[str, Any] = {
     "zo_rank": None,
     "zo_refresh_interval": None,
     "zo_momentum": None,
+    "zo_seed_log": False,
     "zo_seed": None,
     "zo_stochastic_rounding": True,
     "zo_train_top_layers": None,
@@ -159,6 +160,14 @@ class ZerothOrderArguments:
             "(low-rank directions s·U·Vᵀ per matrix, V kept 50 steps; with zo_momentum > 0: LOZO-M), 'zo_muon' "
             "(4 one-sided probes in an orthonormal rank-8 subspace per matrix re-drawn every 100 steps, "
             "orthogonalised update). See hf_mezo.methods and the README's methods section."
+        },
+    )
+    zo_seed_log: bool = field(
+        default=False,
+        metadata={
+            "help": "Record the run's seed log (per step the estimator's scalars and learning rates) and write "
+            "seed_log.json into output_dir at every save and at the end: hf_mezo.replay_seed_log(base_model, path) "
+            "reproduces the trained weights bit for bit, without the weights (see hf_mezo.seed_log)."
         },
     )
     zo_eps: float = field(

@@ -23,11 +23,13 @@ round L₊ − L₋ to their coarse grid (`precision`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from .config import method_knobs, refuse_unsupported_options, zo_settings
@@ -37,6 +39,7 @@ from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
 from .perturbation import check_perturbable, perturbed
 from .precision import float32_logits
+from .seed_log import save_seed_log
 from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
@@ -161,6 +164,8 @@ class MeZOMixin:
                 stochastic_rounding=self.zo["zo_stochastic_rounding"],
             )
         self.zo_optimizer.set_reduction(self._mean_across_processes)
+        if self.zo["zo_seed_log"]:
+            self.zo_optimizer.start_seed_log()
         return self.optimizer
 
     @property
@@ -334,6 +339,23 @@ class MeZOMixin:
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         self.check_rank_consistency("checkpoint save")
         super()._save_checkpoint(model, trial)
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        self._write_seed_log(checkpoint)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._write_seed_log()
+        return output
+
+    def _write_seed_log(self, *also: str) -> None:
+        """seed_log.json into output_dir (and `also`), from the main process; every rank holds the same log."""
+        if self.optimizer is None or self.zo_optimizer.seed_log is None or not self.is_world_process_zero():
+            return
+        optimizer = self.zo_optimizer
+        for directory in (self.args.output_dir, *also):
+            save_seed_log(directory, optimizer.seed_log_header, optimizer.seed_log)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         self.check_rank_consistency("evaluation")
