@@ -30,40 +30,24 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .config import refuse_unsupported_options, zo_settings
+from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
 from .perturbation import check_perturbable, perturbed
 from .precision import float32_logits
+from .refusals import (
+    refuse_data_parallel,
+    refuse_gradient_optimizers,
+    refuse_misplaced_mixin,
+    refuse_unsupported_options,
+    refuse_unverified_trl_parents,
+    warn_frozen_running_statistics,
+)
 from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
-
-
-# TRL trainers whose compute_loss MeZO evaluates exactly (MeZOSFTTrainer re-scopes SFTTrainer's fused LM head).
-_VERIFIED_TRL_TRAINERS = {"_BaseTrainer", "BaseTrainer", "SFTTrainer"}
-
-
-def _refuse_unverified_trl_parents(cls: type) -> None:
-    """Refuse a TRL trainer MeZO is not known to perturb exactly, before any work (by name: TRL is not imported)."""
-    trl_parents = [c.__name__ for c in cls.__mro__ if c.__module__.split(".")[0] == "trl"]
-    unverified = [name for name in trl_parents if name not in _VERIFIED_TRL_TRAINERS]
-    if unverified:
-        raise TypeError(
-            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: it is not "
-            "verified that MeZO's two perturbed passes evaluate its loss exactly (TRL's preference/RL trainers use a "
-            "fused float32 LM-head kernel, reference models or generation). Supported: "
-            "hf_mezo.MeZOSFTTrainer (TRL's SFTTrainer), MeZOSeq2SeqTrainer, and your own transformers.Trainer "
-            "subclasses via `class X(MeZOMixin, YourTrainer)`."
-        )
-    if "SFTTrainer" in trl_parents and not any(c.__name__ == "MeZOSFTTrainer" for c in cls.__mro__):
-        raise TypeError(
-            f"{cls.__name__} composes MeZOMixin with TRL's SFTTrainer directly; its fused LM head must be answered "
-            "by the model's own forward for MeZO to be exact, which MeZOSFTTrainer does. Use hf_mezo.MeZOSFTTrainer, "
-            "or `class X(MeZOSFTTrainer, YourSFTTrainer)` for your own subclass."
-        )
 
 
 class MeZOMixin:
@@ -83,35 +67,16 @@ class MeZOMixin:
         objective: Objective | str | None = None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError(
-                f"{type(self).__name__} needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set."
-            )
+        if args is None:  # as the stock Trainer does; a plain TrainingArguments gets the paper's zo_* defaults
+            logger.info("No `TrainingArguments` passed, using `output_dir=tmp_trainer`.")
+            args = TrainingArguments(output_dir="tmp_trainer")
         zo = zo_settings(args)  # validates before any work
-        _refuse_unverified_trl_parents(type(self))
         refuse_unsupported_options(args)
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"n_gpu={args.n_gpu} would run MeZO under torch.nn.DataParallel (several GPUs, one process), whose "
-                "replicas are copied before MeZO's perturbation runs, so GPUs ≥ 1 would evaluate θ instead of θ ± εz. "
-                "Launch one process per GPU with `accelerate launch` (or torchrun), or expose one GPU "
-                "(CUDA_VISIBLE_DEVICES=0)."
-            )
+        refuse_data_parallel(args)
         # Not `self.objective`: the Trainer's hyperparameter search writes its metric there.
         self._zo_objective_argument = objective
         resolve_objective(objective if objective is not None else zo["zo_objective"])
-        optimizer = (kwargs.get("optimizers") or (None, None))[0]
-        if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
-            raise TypeError(
-                f"{type(self).__name__} got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
-                "Pass a hf_mezo.ZerothOrderSGD, or leave `optimizers` unset to get one from the config."
-            )
-        if kwargs.get("optimizer_cls_and_kwargs") is not None:
-            cls = kwargs["optimizer_cls_and_kwargs"][0]
-            if not (isinstance(cls, type) and issubclass(cls, ZerothOrderSGD)):
-                raise TypeError(
-                    f"{type(self).__name__} got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
-                )
+        refuse_gradient_optimizers(type(self).__name__, kwargs, ZerothOrderSGD)
         if isinstance(model, nn.Module) and zo["zo_train_top_layers"] is not None:
             freeze_all_but_top_layers(model, zo["zo_train_top_layers"])
         if isinstance(model, nn.Module):
@@ -121,7 +86,15 @@ class MeZOMixin:
                 f"{type(self).__name__} got a model with no trainable parameters (requires_grad=False everywhere). "
                 "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
             )
+        if isinstance(model, nn.Module):
+            warn_frozen_running_statistics(model)
         super().__init__(model, args, *pargs, **kwargs)
+
+    def __init_subclass__(cls, **kwargs):
+        # Checked when the class is defined: a wrong composition would otherwise train something else silently.
+        super().__init_subclass__(**kwargs)
+        refuse_unverified_trl_parents(cls)
+        refuse_misplaced_mixin(cls, MeZOMixin)
 
     @property
     def zo(self) -> dict[str, Any]:
