@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
+from .label_items import loss_shifts_labels
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
@@ -165,14 +166,31 @@ class MeZOMixin:
         share of the step's labelled items, which is exact for any mean-reduced loss.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and not getattr(self, "_zo_label_shift_measured", False):
+            self._measure_label_shift(batch_samples[0])
         counts = [self._count_label_items(batch) for batch in batch_samples]
         total = None
         if counts and all(c is not None for c in counts):
             total = torch.tensor(float(sum(counts)), device=device)
             if self._zo_tokens_across_processes:
                 total = self.accelerator.gather(total.reshape(1)).sum()
+            if num_items_in_batch is not None:  # the Trainer's count, by the measured rule (same gather rule)
+                num_items_in_batch = total.to(device)
         self._zo_step_items = None if total is None else float(total)
         return batch_samples, num_items_in_batch
+
+    def _measure_label_shift(self, batch: dict[str, Any]) -> None:
+        """Set the Trainer's `_loss_shifts_labels` from what the model's loss does (`label_items`), not `loss_type`."""
+        self._zo_label_shift_measured = True
+        if not isinstance(batch, dict):
+            return
+        shifts = loss_shifts_labels(self.model, self._prepare_inputs(dict(batch)))
+        if shifts is not None and shifts != self._loss_shifts_labels:
+            logger.info(
+                f"{type(self.model).__name__}'s loss {'shifts' if shifts else 'does not shift'} its labels (measured), "
+                f"although its loss_type says otherwise; labelled items are counted accordingly."
+            )
+            self._loss_shifts_labels = shifts
 
     @property
     def _zo_tokens_across_processes(self) -> bool:
