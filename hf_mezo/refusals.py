@@ -162,6 +162,34 @@ def refuse_gradient_optimizers(trainer_name: str, kwargs: dict[str, Any], zeroth
             )
 
 
+def refuse_uneven_last_batch(train_dataset, args: TrainingArguments, batch_size: int, num_processes: int) -> None:
+    """Refuse a multi-process run whose last batch Accelerate would pad with rows from the start of the epoch.
+
+    With `even_batches` (Accelerate's default) every process gets a full last batch, made up from the
+    first rows of the epoch when the training set does not divide by the global batch; a P-process run
+    then trains on other data than a 1-process run of the same global batch, and MeZO's equality of the
+    two trajectories (docs/distributed.md) fails. `dataloader_drop_last=True` drops the same tail in both.
+    A dataset without a length (streaming) cannot be checked.
+    """
+    if num_processes <= 1 or getattr(args, "dataloader_drop_last", False):
+        return
+    try:
+        rows = len(train_dataset)
+    except TypeError:
+        return
+    global_batch = batch_size * num_processes
+    if rows % global_batch:
+        tail = rows % global_batch
+        raise ValueError(
+            f"The training set has {rows} rows, not a multiple of the global batch {global_batch} ({batch_size} per "
+            f"device × {num_processes} processes): Accelerate would fill the last batch of every epoch with rows "
+            f"from its start, so this {num_processes}-process run would train on other data than a 1-process run of "
+            f"the same global batch. Set dataloader_drop_last=True (which drops the last {tail} "
+            f"row{'s' if tail > 1 else ''} of each epoch, on any number of processes), or give the training set a "
+            f"multiple of {global_batch} rows."
+        )
+
+
 # ---- the model -----------------------------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from .refusals import (
     refuse_data_parallel,
     refuse_gradient_optimizers,
     refuse_misplaced_mixin,
+    refuse_uneven_last_batch,
     refuse_unsupported_options,
     refuse_unverified_trl_parents,
     warn_frozen_running_statistics,
@@ -275,6 +276,9 @@ class MeZOMixin:
         # projected gradients of the abandoned partial step must not leak into the retried step's update.
         if self.optimizer is not None:
             self.zo_optimizer.discard_step()
+        batch_size = args[0] if args else kwargs.get("batch_size", self._train_batch_size)
+        if not self.accelerator.split_batches:
+            refuse_uneven_last_batch(self.train_dataset, self.args, batch_size, self.accelerator.num_processes)
         return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
