@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
+from .divergence import NonFiniteGuard, first_non_finite
 from .label_items import loss_shifts_labels
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
@@ -328,7 +329,50 @@ class MeZOMixin:
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         self.check_rank_consistency("evaluation")
+        self._refuse_non_finite_weights("evaluation")
         return super().evaluate(*args, **kwargs)
+
+    # ---- non-finite training (hf_mezo.divergence) ------------------------------------------------
+
+    @property
+    def _zo_guard(self) -> NonFiniteGuard:
+        if getattr(self, "_zo_non_finite_guard", None) is None:
+            self._zo_non_finite_guard = NonFiniteGuard()
+        return self._zo_non_finite_guard
+
+    def _non_finite_parameter(self) -> str | None:
+        """A parameter holding NaN/inf on any process (a collective when several run), or None."""
+        name = first_non_finite(self.model.named_parameters())
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([name is not None], device=self.args.device))
+            if name is None and bool(flags.any()):
+                name = "(on another process)"
+        return name
+
+    def _refuse_non_finite_weights(self, where: str) -> None:
+        name = self._non_finite_parameter()
+        if name is not None:
+            raise self._zo_guard.weights_error(self.state.global_step, name, where)
+        self._zo_guard.verified(self.state.global_step)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every write of the weights (checkpoints, the final save, push_to_hub) passes here.
+        self._refuse_non_finite_weights("checkpoint save" if _internal_call else "save_model")
+        super().save_model(output_dir, _internal_call)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs) -> None:
+        # After each optimizer step: a skipped (non-finite) step is accounted for before anything is logged or saved.
+        losses_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        self._zo_guard.after_step(self.state.global_step, losses_finite, self._non_finite_parameter)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # The Trainer's logging_nan_inf_filter would log a skipped step's loss as the running average (0 right
+        # after a log); a skipped step since the last log makes the logged training loss NaN.
+        if "loss" in logs and self._zo_guard.unlogged_skip:
+            logs["loss"] = float("nan")
+            self._zo_guard.unlogged_skip = False
+        super().log(logs, *args, **kwargs)
 
 
 class MeZOTrainer(MeZOMixin, Trainer):
