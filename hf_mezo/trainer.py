@@ -33,6 +33,7 @@ from transformers.utils import logging
 from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
+from .label_check import check_training_labels
 from .label_items import loss_shifts_labels
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
@@ -280,6 +281,7 @@ class MeZOMixin:
         batch_size = args[0] if args else kwargs.get("batch_size", self._train_batch_size)
         if not self.accelerator.split_batches:
             refuse_uneven_last_batch(self.train_dataset, self.args, batch_size, self.accelerator.num_processes)
+        check_training_labels(self.train_dataset, self.model, self.data_collator)
         return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
