@@ -25,6 +25,18 @@ logger = logging.get_logger(__name__)
 IGNORE_INDEX = -100  # the label that no loss in transformers counts
 
 
+def shift_is_known(model: nn.Module) -> bool:
+    """Whether the Trainer's own rule is reliable for `model`, so that no probe forward is needed.
+
+    It is when transformers knows the loss (`loss_type` names an entry of `LOSS_MAPPING`), and for a
+    label-word head (`hf_mezo.models`), which scores the mask position only.
+    """
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    return getattr(base, "loss_type", None) in LOSS_MAPPING or getattr(base, "label_word_ids", None) is not None
+
+
 @torch.no_grad()
 def loss_shifts_labels(model: nn.Module, batch: dict[str, Any]) -> bool | None:
     """True if `model`'s loss ignores label 0 of a row (a causal-LM shift), False if it counts it, None if unknown.

@@ -162,6 +162,36 @@ def refuse_gradient_optimizers(trainer_name: str, kwargs: dict[str, Any], zeroth
             )
 
 
+# ZerothOrderSGD's param-group keys → the settings they come from.
+RESUMED_ZO_SETTINGS = {
+    "seed": "zo_seed",  # or `seed` when zo_seed is unset
+    "eps": "zo_eps",
+    "num_directions": "zo_num_directions",
+    "distribution": "zo_distribution",
+    "stochastic_rounding": "zo_stochastic_rounding",
+}
+
+
+def refuse_changed_zo_settings_on_resume(configured: dict[str, Any], resumed: dict[str, Any], checkpoint: str) -> None:
+    """Refuse a resume whose zo_* settings differ from the checkpoint's, which loading would silently override.
+
+    The optimizer's state (`optimizer.pt`) carries the direction stream's seed, ε, n, distribution and
+    rounding; loading it replaces what the arguments asked for, so a run "resumed with zo_seed=7" would
+    keep drawing from the checkpoint's seed without a word.
+    """
+    changed = [key for key in RESUMED_ZO_SETTINGS if key in resumed and configured.get(key) != resumed[key]]
+    if changed:
+        details = "; ".join(
+            f"{RESUMED_ZO_SETTINGS[k]}: {configured.get(k)!r} now, {resumed[k]!r} in the checkpoint" for k in changed
+        )
+        raise ValueError(
+            f"Resuming from {checkpoint} with zeroth-order settings that differ from the ones it was trained with "
+            f"({details}). The checkpoint's direction stream would silently continue with its own. Resume with the "
+            "checkpoint's settings, or start a new run from its weights (load the model from the checkpoint "
+            "without resume_from_checkpoint) to use the new ones."
+        )
+
+
 def refuse_uneven_last_batch(train_dataset, args: TrainingArguments, batch_size: int, num_processes: int) -> None:
     """Refuse a multi-process run whose last batch Accelerate would pad with rows from the start of the epoch.
 

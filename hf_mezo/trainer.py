@@ -34,13 +34,14 @@ from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
 from .label_check import check_training_labels
-from .label_items import loss_shifts_labels
+from .label_items import loss_shifts_labels, shift_is_known
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
 from .perturbation import check_perturbable, perturbed
 from .precision import float32_logits
 from .refusals import (
+    refuse_changed_zo_settings_on_resume,
     refuse_data_parallel,
     refuse_gradient_optimizers,
     refuse_misplaced_mixin,
@@ -185,7 +186,7 @@ class MeZOMixin:
     def _measure_label_shift(self, batch: dict[str, Any]) -> None:
         """Set the Trainer's `_loss_shifts_labels` from what the model's loss does (`label_items`), not `loss_type`."""
         self._zo_label_shift_measured = True
-        if not isinstance(batch, dict):
+        if not isinstance(batch, dict) or shift_is_known(self.model):
             return
         shifts = loss_shifts_labels(self.model, self._prepare_inputs(dict(batch)))
         if shifts is not None and shifts != self._loss_shifts_labels:
@@ -324,6 +325,12 @@ class MeZOMixin:
             optimizer = self.zo_optimizer
             named = [(name, p) for name, p, _ in optimizer.named_trainable_parameters()]
             check_rank_consistency(named, optimizer, where=where)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        configured = dict(self.zo_optimizer.param_groups[0]) if checkpoint is not None else {}
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            refuse_changed_zo_settings_on_resume(configured, self.zo_optimizer.param_groups[0], checkpoint)
 
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         self.check_rank_consistency("checkpoint save")

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, RobertaForMaskedLM
 
 from hf_mezo import MeZOTrainer
-from hf_mezo.label_items import loss_shifts_labels
+from hf_mezo.label_items import loss_shifts_labels, shift_is_known
 
 from .conftest import mezo_args, snapshot, tiny_roberta_config
 from .test_trainers import directional_derivative, directions, implied_g
@@ -69,7 +69,7 @@ def _hand_mean_token_loss(model, rows):
 
 def test_gpt2_labels_equal_input_ids_under_accumulation_give_the_steps_mean_token_loss(tmp_path):
     model, rows, eta = _gpt2(), _rows(), 1e-3
-    assert model.loss_type is None  # what the Trainer's flag is read from: unset
+    assert model.loss_type is None and not shift_is_known(model)  # what the Trainer's flag is read from: unset
     args = mezo_args(
         tmp_path,
         learning_rate=eta,
@@ -112,3 +112,7 @@ def test_no_measurement_without_token_labels():
     assert (
         loss_shifts_labels(model, {"input_ids": torch.ones(2, 4, dtype=torch.long), "labels": torch.ones(2)}) is None
     )
+
+
+def test_no_probe_where_transformers_knows_the_loss():
+    assert shift_is_known(_neox()) and shift_is_known(RobertaForMaskedLM(tiny_roberta_config()))

@@ -139,3 +139,23 @@ def test_batch_statistics_without_running_buffers_need_no_warning(tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="hf_mezo"):
         MeZOTrainer(model, mezo_args(tmp_path), train_dataset=classification_dataset())
     assert not [r for r in caplog.records if "running statistics" in r.getMessage()]
+
+
+# ---- resuming --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting,value,named",
+    [("zo_seed", 7, "zo_seed"), ("zo_eps", 1e-2, "zo_eps"), ("zo_num_directions", 2, "zo_num_directions")],
+)
+def test_resuming_with_other_zo_settings_is_refused(tmp_path, setting, value, named):
+    # Before the fix, a resume with zo_seed=7 silently kept drawing from the checkpoint's seed.
+    data = classification_dataset(n=32)
+    first = mezo_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=2, zo_seed=3)
+    MeZOTrainer(_classifier(), first, train_dataset=data).train()
+    checkpoint = str(tmp_path / "out" / "checkpoint-2")
+    again = mezo_args(tmp_path, max_steps=4, **{"zo_seed": 3, setting: value})
+    with pytest.raises(ValueError, match=rf"Resuming from .*checkpoint-2.*{named}: {value!r} now.*in the checkpoint"):
+        MeZOTrainer(_classifier(), again, train_dataset=data).train(resume_from_checkpoint=checkpoint)
+    same = mezo_args(tmp_path, max_steps=4, zo_seed=3)
+    MeZOTrainer(_classifier(), same, train_dataset=data).train(resume_from_checkpoint=checkpoint)
