@@ -23,6 +23,7 @@ round L₊ − L₋ to their coarse grid (`precision`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -35,6 +36,7 @@ from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
 from .label_check import check_training_labels
 from .label_items import loss_shifts_labels, shift_is_known
+from .model_card import describe_mezo, mezo_description, with_mezo_tags
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
@@ -325,6 +327,13 @@ class MeZOMixin:
             optimizer = self.zo_optimizer
             named = [(name, p) for name, p, _ in optimizer.named_trainable_parameters()]
             check_rank_consistency(named, optimizer, where=where)
+
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """The parent's card (transformers' or TRL's) tagged `mezo`, its optimizer line saying MeZO and ε (`model_card`)."""
+        super().create_model_card(*args, tags=with_mezo_tags(tags), **kwargs)
+        if self.is_world_process_zero():
+            seed = self.zo["zo_seed"] if self.zo["zo_seed"] is not None else self.args.seed
+            describe_mezo(os.path.join(self.args.output_dir, "README.md"), mezo_description(self.zo, seed))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         configured = dict(self.zo_optimizer.param_groups[0]) if checkpoint is not None else {}

@@ -159,3 +159,21 @@ def test_resuming_with_other_zo_settings_is_refused(tmp_path, setting, value, na
         MeZOTrainer(_classifier(), again, train_dataset=data).train(resume_from_checkpoint=checkpoint)
     same = mezo_args(tmp_path, max_steps=4, zo_seed=3)
     MeZOTrainer(_classifier(), same, train_dataset=data).train(resume_from_checkpoint=checkpoint)
+
+
+# ---- the model card ----------------------------------------------------------------------------------------------
+
+
+def test_the_model_card_names_mezo_and_its_settings_not_adamw(tmp_path):
+    # Before the fix: "optimizer: Use OptimizerNames.ADAMW_TORCH_FUSED ..." and no word of MeZO or ε.
+    args = mezo_args(tmp_path, zo_eps=2e-3, zo_num_directions=2, zo_seed=11)
+    trainer = MeZOTrainer(_classifier(), args, train_dataset=classification_dataset())
+    trainer.create_model_card(model_name="tiny", tags=["mine"])
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "ADAMW" not in card.upper()
+    optimizer_line = next(line for line in card.splitlines() if line.startswith("- optimizer:"))
+    for expected in ("MeZO", "zo_eps=0.002", "zo_num_directions=2", "direction seed=11", "no backward pass"):
+        assert expected in optimizer_line
+    for tag in ("- mezo", "- zeroth-order", "- mine"):
+        assert tag in card
+    assert "- lr_scheduler_type: constant" in card  # the rest of the Trainer's card is kept
