@@ -358,10 +358,7 @@ def prepare_model(
         model = get_peft_model(model, lora_config_for_mezo())
     elif model_args.prefix:
         model = get_peft_model(model, prefix_config_for_mezo(num_virtual_tokens=model_args.num_virtual_tokens))
-        try:
-            init_prefix_from_tokens(model, seed=training_args.seed)
-        except ValueError as error:  # not a BERT-family attention: keep peft's random prefix
-            logger.warning(f"prefix keeps peft's initialization: {error}")
+        init_prefix_from_tokens(model, seed=training_args.seed)  # the paper's: real tokens' keys and values
     else:
         return model
     trainable, total = model.get_nb_trainable_parameters()
