@@ -144,6 +144,12 @@ class MeZOMixin:
             )
         self.zo_optimizer.set_reduction(self._mean_across_processes)
         if self.zo["zo_seed_log"]:
+            if any(is_sharded(p) for _, p, _ in self.zo_optimizer.named_trainable_parameters()):
+                raise ValueError(
+                    "zo_seed_log=True with FSDP2-sharded parameters: the log's fingerprint of the base weights and its "
+                    "replay need whole tensors, which this process does not hold. Unset zo_seed_log, or train "
+                    "data-parallel without FSDP (the seed log covers that)."
+                )
             self.zo_optimizer.start_seed_log()
         return self.optimizer
 
