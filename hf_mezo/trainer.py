@@ -121,6 +121,9 @@ class MeZOMixin:
                 f"{type(self).__name__} got a model with no trainable parameters (requires_grad=False everywhere). "
                 "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
             )
+        collator = kwargs.get("data_collator", pargs[0] if pargs else None)
+        if isinstance(model, nn.Module) and hasattr(collator, "check_model"):
+            collator.check_model(model)  # VerbalizerDataCollator: the model must read its labels (see there)
         super().__init__(model, args, *pargs, **kwargs)
 
     @property

@@ -76,11 +76,12 @@ class _AutoPromptLM:
         if config is None:
             hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "trust_remote_code") if k in kwargs}
             config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-        model = cls.prompt_class_for(config).from_pretrained(
+        loaded = cls.prompt_class_for(config).from_pretrained(
             pretrained_model_name_or_path, *model_args, config=config, **kwargs
         )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, loading_info) with output_loading_info
         model._init_prompt_lm(label_word_ids, mask_token_id, depth_cache_max_bytes)
-        return model
+        return loaded
 
     @classmethod
     def from_config(
