@@ -44,6 +44,7 @@ from transformers import (
 import hf_mezo.models.multi_token as multi_token
 from hf_mezo import AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM, MeZOTrainer
 from hf_mezo.models import LlamaForPromptCausalLM, freeze_all_but_top_layers
+from hf_mezo.models.families import FAMILY_LAYOUTS
 
 from .conftest import mezo_args, snapshot, tiny_roberta_config
 
@@ -238,6 +239,63 @@ def test_sliding_windows_are_the_stock_ones():
     torch.testing.assert_close(scores, windowed, rtol=0, atol=1e-5)
 
 
+TABLE_FAMILIES = [f for f in [*CAUSAL, *MASKED] if f.replace("_post_norm", "") in FAMILY_LAYOUTS]
+
+
+@pytest.mark.parametrize("family", TABLE_FAMILIES)
+def test_depth_cache_serves_the_frozen_layers_exactly(family):
+    """Every table family: with the bottom layers frozen, a repeated example skips them (nothing in them runs) and
+    gets the uncached and the stock scores, whatever its padding side."""
+    masked = family in MASKED
+    kwargs = dict(label_word_ids=LABEL_WORDS, mask_token_id=MASK) if masked else dict(label_word_ids=LABEL_WORDS)
+    prompt, stock = make_models(family, **kwargs)
+    freeze_all_but_top_layers(prompt, 1)
+    depth = len(prompt._stack_layers()) - 1
+    assert prompt.frozen_depth() == depth
+    uncached = copy.deepcopy(prompt)
+    uncached.depth_cache.resize(0)
+    rows = make_rows(masked=masked)
+    alone = []
+    with torch.no_grad():
+        for row in rows:
+            logits = stock(input_ids=row[None]).logits[0]
+            alone.append(logits[len(row) // 2 if masked else -1, LABEL_WORDS])
+    calls = []
+    first_frozen = next(prompt._stack_layers()[0].children())
+    first_frozen.register_forward_pre_hook(lambda *_: calls.append(1))
+    seen = []
+    for side in ("right", "left", "right"):
+        ids, mask = pad(rows, side, pad_id=0 if masked else 3)
+        calls.clear()
+        with torch.no_grad():
+            logits = prompt(ids, attention_mask=mask).logits
+            expected = uncached(ids, attention_mask=mask).logits
+        torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits, torch.stack(alone), rtol=0, atol=1e-5)
+        seen.append((prompt.depth_cache.hits, prompt.depth_cache.misses, len(calls)))
+    assert seen == [(0, 4, 1), (4, 4, 0), (8, 4, 0)]  # the same four examples, however padded; then no layer runs
+    with torch.no_grad():  # a write below the cut empties the cache
+        prompt.get_input_embeddings().weight[LABEL_WORDS[0]] += 1.0
+        ids, mask = pad(rows, "right", pad_id=0 if masked else 3)
+        prompt(ids, attention_mask=mask)
+    assert prompt.depth_cache.invalidations == 1 and prompt.depth_cache.misses == 8
+
+
+def test_a_family_outside_the_table_runs_exactly_without_the_depth_cache():
+    prompt, stock = make_models("bloom", label_word_ids=LABEL_WORDS)
+    prompt.requires_grad_(False)
+    prompt.transformer.h[-1].requires_grad_(True)
+    rows = make_rows()
+    with torch.no_grad():
+        for _ in range(2):
+            logits = prompt(*pad(rows, "left")).logits
+    alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows]).detach()
+    torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5)
+    assert len(prompt.depth_cache) == 0
+    with pytest.raises(TypeError, match="FAMILY_LAYOUTS"):
+        prompt.frozen_depth()
+
+
 def teacher_forced_scores(stock, row, words):
     """Each word's mean token log-probability after `row`, from one stock forward of prompt + word, alone."""
     scores = []
@@ -405,3 +463,5 @@ def test_mezo_estimator_through_the_generic_causal_lm_float64(words, tmp_path):
         if n not in z:
             assert torch.equal(p.detach(), before[n]), n
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
+    if words == LABEL_WORDS:  # the frozen bottom layer came from the depth cache in the −εz pass
+        assert prompt.depth_cache.hits > 0

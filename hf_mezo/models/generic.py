@@ -33,6 +33,8 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .alignment import RowSpans, gather_rows
+from .families import family_layout, modules_before
+from .generic_depth_cache import cached_frozen_layers
 from .label_words import LabelWordDecoder, class_targets, find_mask_positions, is_multi_token
 from .multi_token import multi_token_scores
 from .prompt_causal import last_prompt_positions, positions_from_attention_mask
@@ -57,6 +59,44 @@ class GenericPromptLMMixin(PromptLMMixin):
             f"{vocab_size}-token vocabulary; label words are read from full-vocabulary logits (same scores, no "
             "head saving)."
         )
+
+    # ---- the family table: the depth cache where the table locates the layer stack ----------------------------
+
+    def _stack_layers(self) -> nn.ModuleList:
+        found = family_layout(self, quiet=True)
+        if found is None:
+            raise TypeError(
+                f"model_type {self.config.model_type!r} is not in hf_mezo.models.families.FAMILY_LAYOUTS: hf_mezo does "
+                "not know where its layer stack lives (the depth cache is off for it)."
+            )
+        return found[0]
+
+    def _embedding_modules(self) -> list[nn.Module]:
+        layers = self._stack_layers()  # raises, naming the table, for a family it lacks
+        return modules_before(self, layers, family_layout(self, quiet=True)[1])
+
+    def _depth_cached(self, direct: bool, input_ids, attention_mask, token_type_ids=None):
+        """A context serving the frozen bottom layers of this forward from the depth cache, where it may."""
+        depth = 0
+        if direct and self.depth_cache.enabled and family_layout(self) is not None:
+            depth = self._cacheable_depth()
+        if depth == 0:
+            return contextlib.nullcontext()
+        return cached_frozen_layers(
+            self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids
+        )
+
+    def _runs_direct(self, input_ids, attention_mask, aligned: bool, kwargs: dict) -> bool:
+        """Whether the depth cache may serve this call: plain `input_ids` of rows starting at position 0, the family's
+        own positions, no KV cache, no per-layer outputs."""
+        if input_ids is None or not aligned or (attention_mask is not None and attention_mask.dim() != 2):
+            return False
+        if self.config.output_attentions or self.config.output_hidden_states:
+            return False
+        allowed = {"use_cache", "return_dict", "token_type_ids"}
+        return not [k for k, v in kwargs.items() if k not in allowed and v is not None and v is not False]
+
+    # ---- the label-word head ------------------------------------------------------------------------------------
 
     def _label_word_head(self, label_words: torch.Tensor):
         """Within the block the output projection computes the label-word rows only (where it can)."""
@@ -89,15 +129,18 @@ class GenericPromptLMMixin(PromptLMMixin):
 
 
 def _align(tensors: dict, attention_mask: torch.Tensor, positions: torch.Tensor | None):
-    """Move left-padded rows to the left edge: `tensors` (batch, length[, ...]) and the query positions alike."""
+    """Move left-padded rows to the left edge: `tensors` (batch, length[, ...]) and the query positions alike.
+
+    Returns them with the new mask and whether every row now starts at position 0 (False: a row has holes and
+    was left where it was)."""
     spans = RowSpans.of(attention_mask)
     if spans is None or spans.left_aligned:
-        return tensors, attention_mask, positions
+        return tensors, attention_mask, positions, spans is not None
     index, valid = spans.index(attention_mask.shape[1], side="left")
     moved = {name: None if t is None else gather_rows(t, index) for name, t in tensors.items()}
     if positions is not None:
         positions = positions - spans.starts.to(positions.device)
-    return moved, valid.to(attention_mask.dtype), positions
+    return moved, valid.to(attention_mask.dtype), positions, True
 
 
 class GenericPromptCausalLMMixin(GenericPromptLMMixin):
@@ -188,16 +231,18 @@ class GenericPromptCausalLMMixin(GenericPromptLMMixin):
                 run, input_ids, new_tokens, positions, words, share_prompt=self._accepts("position_ids")
             )
         else:
+            aligned = attention_mask is None and cache is None and position_ids is None
             if cache is not None and position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
                 # A KV cache before the rows (a peft prefix): keep the rows, count positions from their first token.
                 position_ids = positions_from_attention_mask(attention_mask)[:, -length:]
             elif position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-                tensors, attention_mask, positions = _align(
+                tensors, attention_mask, positions, aligned = _align(
                     {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, attention_mask, positions
                 )
                 input_ids, inputs_embeds = tensors["input_ids"], tensors["inputs_embeds"]
+            direct = inputs_embeds is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
             label_words = self._label_word_tensor(reference.device)
-            with self._label_word_head(label_words):
+            with self._label_word_head(label_words), self._depth_cached(direct, input_ids, attention_mask):
                 out = self._stock_forward(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
@@ -253,14 +298,17 @@ class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
         positions = positions.to(reference.device)
         targets = class_targets(self._label_word_tensor(reference.device), positions, labels, class_labels)
         row_tensors = ("token_type_ids", "inputs_embeds")
+        aligned = attention_mask is None and kwargs.get("position_ids") is None
         if attention_mask is not None and attention_mask.dim() == 2 and kwargs.get("position_ids") is None:
-            tensors, attention_mask, positions = _align(
+            tensors, attention_mask, positions, aligned = _align(
                 {"input_ids": input_ids, **{k: kwargs.get(k) for k in row_tensors}}, attention_mask, positions
             )
             input_ids = tensors.pop("input_ids")
             kwargs.update({k: v for k, v in tensors.items() if v is not None})
+        direct = kwargs.get("inputs_embeds") is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
         label_words = self._label_word_tensor(reference.device)
-        with self._label_word_head(label_words):
+        depth_cached = self._depth_cached(direct, input_ids, attention_mask, kwargs.get("token_type_ids"))
+        with self._label_word_head(label_words), depth_cached:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         rows = torch.arange(out.logits.shape[0], device=out.logits.device)
         logits = self._columns(out.logits[rows, positions.to(out.logits.device)], label_words)
