@@ -296,6 +296,33 @@ def test_a_family_outside_the_table_runs_exactly_without_the_depth_cache():
         prompt.frozen_depth()
 
 
+def prefixed_rows(seed=1, prefix_length=10, suffix_lengths=(3, 1, 5, 2)):
+    """Rows sharing their first `prefix_length` tokens (an instruction, demonstrations), then their own."""
+    g = torch.Generator().manual_seed(seed)
+    prefix = torch.randint(20, VOCAB, (prefix_length,), generator=g)
+    return [torch.cat([prefix, torch.randint(20, VOCAB, (n,), generator=g)]) for n in suffix_lengths]
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_shared_prefix_scores_equal_stock_logits_of_each_row_alone(family):
+    """The common prefix runs once through the KV-cache API, sliding windows (4 < 10 prefix tokens) included."""
+    prompt, stock = make_models(family, label_word_ids=LABEL_WORDS)
+    rows = prefixed_rows()
+    with torch.no_grad():
+        alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows])
+        for side in ("right", "left"):
+            prompt.reset_shared_prefix_stats()
+            logits = prompt(*pad(rows, side, width=17)).logits
+            torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
+            stats = prompt.shared_prefix_stats
+            assert stats["shared_layer_runs"] == 1 and stats["last_shared_tokens"] == 10
+    prompt.share_prefix = False
+    prompt.reset_shared_prefix_stats()
+    with torch.no_grad():
+        torch.testing.assert_close(prompt(*pad(rows, "left", width=17)).logits, alone, rtol=0, atol=1e-5)
+    assert prompt.shared_prefix_stats["shared_layer_runs"] == 0
+
+
 def teacher_forced_scores(stock, row, words):
     """Each word's mean token log-probability after `row`, from one stock forward of prompt + word, alone."""
     scores = []
@@ -423,24 +450,32 @@ def test_llama_class_refuses_a_mistral_checkpoint_which_the_generic_class_scores
         )
 
 
-def _class_dataset(n=8):
+def _class_dataset(n=8, prefix_length=0):
     from datasets import Dataset
 
     g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(20, VOCAB, (prefix_length,), generator=g)
     lengths = [5 + i % 4 for i in range(n)]
-    ids, mask = pad([torch.randint(20, VOCAB, (k,), generator=g) for k in lengths], "left", width=max(lengths))
+    rows = [torch.cat([prefix, torch.randint(20, VOCAB, (k,), generator=g)]) for k in lengths]
+    ids, mask = pad(rows, "left", width=max(len(r) for r in rows))
     return Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": [i % 3 for i in range(n)]}
     )
 
 
-@pytest.mark.parametrize("words", [LABEL_WORDS, MULTI_TOKEN_WORDS], ids=["single-token", "multi-token"])
-def test_mezo_estimator_through_the_generic_causal_lm_float64(words, tmp_path):
+@pytest.mark.parametrize(
+    "words, speedup",
+    [(LABEL_WORDS, "depth cache"), (LABEL_WORDS, "shared prefix"), (MULTI_TOKEN_WORDS, "depth cache")],
+    ids=["single-token-depth-cache", "single-token-shared-prefix", "multi-token"],
+)
+def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tmp_path):
     """One MeZOTrainer step on GPT-NeoX (LayerNorm, parallel attention; its arithmetic stays in float64):
-    Δθ = −η·g·z with g = zᵀ∇L from autograd on the same batch, to 1e-6 relative at ε = 1e-6."""
+    Δθ = −η·g·z with g = zᵀ∇L from autograd on the same batch, to 1e-6 relative at ε = 1e-6 — with the frozen
+    bottom layer served from the depth cache, or, all layers training, the rows' common prefix shared."""
     prompt, _ = make_models("gpt_neox", dtype=torch.float64, label_word_ids=words)
-    freeze_all_but_top_layers(prompt, 1)
-    data = _class_dataset()
+    if speedup == "depth cache":
+        freeze_all_but_top_layers(prompt, 1)
+    data = _class_dataset(prefix_length=8 if speedup == "shared prefix" else 0)
     eta, eps = 1e-3, 1e-6
     args = mezo_args(tmp_path, learning_rate=eta, zo_eps=eps, weight_decay=0.0, zo_distribution="rademacher")
     before = snapshot(prompt)
@@ -463,5 +498,7 @@ def test_mezo_estimator_through_the_generic_causal_lm_float64(words, tmp_path):
         if n not in z:
             assert torch.equal(p.detach(), before[n]), n
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
-    if words == LABEL_WORDS:  # the frozen bottom layer came from the depth cache in the −εz pass
+    if words == LABEL_WORDS and speedup == "depth cache":  # the frozen bottom layer served in the −εz pass
         assert prompt.depth_cache.hits > 0
+    if speedup == "shared prefix":
+        assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared the 8-token prefix

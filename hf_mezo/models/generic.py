@@ -35,10 +35,12 @@ from transformers.utils.generic import can_return_tuple
 from .alignment import RowSpans, gather_rows
 from .families import family_layout, modules_before
 from .generic_depth_cache import cached_frozen_layers
+from .generic_shared_prefix import shared_prefix_forward
 from .label_words import LabelWordDecoder, class_targets, find_mask_positions, is_multi_token
 from .multi_token import multi_token_scores
 from .prompt_causal import last_prompt_positions, positions_from_attention_mask
-from .prompt_lm import PromptLMMixin
+from .prompt_lm import PromptLMMixin, _drops_layers, _drops_out
+from .shared_prefix import DEFAULT_MIN_TOKENS, SharedPrefix, SharedPrefixMixin, find_shared_prefix
 
 logger = logging.get_logger(__name__)
 
@@ -75,11 +77,14 @@ class GenericPromptLMMixin(PromptLMMixin):
         layers = self._stack_layers()  # raises, naming the table, for a family it lacks
         return modules_before(self, layers, family_layout(self, quiet=True)[1])
 
-    def _depth_cached(self, direct: bool, input_ids, attention_mask, token_type_ids=None):
-        """A context serving the frozen bottom layers of this forward from the depth cache, where it may."""
-        depth = 0
+    def _generic_depth(self, direct: bool) -> int:
+        """The depth the cache serves in this forward (0: none)."""
         if direct and self.depth_cache.enabled and family_layout(self) is not None:
-            depth = self._cacheable_depth()
+            return self._cacheable_depth()
+        return 0
+
+    def _depth_cached(self, depth: int, input_ids, attention_mask, token_type_ids=None):
+        """A context serving the frozen bottom layers (below `depth`) of this forward from the depth cache."""
         if depth == 0:
             return contextlib.nullcontext()
         return cached_frozen_layers(
@@ -143,8 +148,12 @@ def _align(tensors: dict, attention_mask: torch.Tensor, positions: torch.Tensor 
     return moved, valid.to(attention_mask.dtype), positions, True
 
 
-class GenericPromptCausalLMMixin(GenericPromptLMMixin):
+class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
     """A `transformers` causal LM with label words (one token or several per class) through its stock forward.
+
+    Speed-ups (single-token words, `input_ids` forwards): the depth cache where the family table locates the layers
+    and the bottom layers are frozen; otherwise the shared prefix (`generic_shared_prefix`; `config.share_prefix`,
+    `config.share_prefix_min_tokens` as for the family classes).
 
     Extra forward inputs: `mask_positions` (batch,): each row's last prompt token (default: the token before the
     single label in causal-LM `labels`, else the last attended token); `class_labels` (batch,) as a keyword, or
@@ -152,6 +161,40 @@ class GenericPromptCausalLMMixin(GenericPromptLMMixin):
     """
 
     _multi_token_label_words = True
+
+    def _shared_prefix_plan(self, input_ids, attention_mask, query_positions) -> SharedPrefix | None:
+        """The batch's common prefix, or None when sharing is off or could not be exact (the unshared forward runs)."""
+        if not self.share_prefix or input_ids.shape[0] < 2:
+            return None
+        if self.training and (any(_drops_out(m) for m in self.modules()) or _drops_layers(self)):
+            return None  # each row would draw its own dropout masks on the prefix
+        if self.training and torch.is_grad_enabled() and self.is_gradient_checkpointing:
+            return None  # checkpointed layers drop the KV cache
+        min_tokens = getattr(self.config, "share_prefix_min_tokens", DEFAULT_MIN_TOKENS)
+        plan = find_shared_prefix(input_ids, attention_mask, None, min_tokens)
+        if plan is None or not bool((query_positions >= plan.length).all()):
+            return None
+        return plan
+
+    def _shared_or_unshared(self, input_ids, attention_mask, query_positions, plan, kwargs) -> torch.Tensor:
+        """Logits at the query positions (batch, 1, ...): through the shared prefix where `plan` is set."""
+        stats = self.shared_prefix_stats
+        stats["layer_runs"] += 1
+        if plan is not None:
+            forward_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
+            logits = shared_prefix_forward(
+                lambda **inputs: self._stock_forward(**inputs, **forward_kwargs), input_ids, query_positions, plan
+            )
+            if logits is not None:
+                stats["shared_layer_runs"] += 1
+                stats["shared_tokens"] += plan.length
+                stats["last_shared_tokens"] = plan.length
+                stats["saved_token_layers"] += (plan.batch - 1) * plan.length * self.config.num_hidden_layers
+                return logits
+        out = self._stock_forward(
+            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=query_positions[:, None], **kwargs
+        )
+        return out.logits
 
     def _stock_forward(self, **kwargs):
         """The stock forward; `logits_to_keep` sliced here for a family whose forward does not take it."""
@@ -241,17 +284,22 @@ class GenericPromptCausalLMMixin(GenericPromptLMMixin):
                 )
                 input_ids, inputs_embeds = tensors["input_ids"], tensors["inputs_embeds"]
             direct = inputs_embeds is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
+            depth = self._generic_depth(direct)
+            plan = self._shared_prefix_plan(input_ids, attention_mask, positions) if direct and not depth else None
             label_words = self._label_word_tensor(reference.device)
-            with self._label_word_head(label_words), self._depth_cached(direct, input_ids, attention_mask):
-                out = self._stock_forward(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    inputs_embeds=inputs_embeds,
-                    logits_to_keep=positions[:, None],
-                    **kwargs,
-                )
-            logits = self._columns(out.logits[:, 0], label_words)
+            with self._label_word_head(label_words), self._depth_cached(depth, input_ids, attention_mask):
+                if direct:
+                    logits = self._shared_or_unshared(input_ids, attention_mask, positions, plan, kwargs)
+                else:
+                    logits = self._stock_forward(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        inputs_embeds=inputs_embeds,
+                        logits_to_keep=positions[:, None],
+                        **kwargs,
+                    ).logits
+            logits = self._columns(logits[:, 0], label_words)
         targets = None
         if class_labels is not None:
             targets = torch.as_tensor(class_labels, device=logits.device).reshape(-1).long()
@@ -307,7 +355,8 @@ class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
             kwargs.update({k: v for k, v in tensors.items() if v is not None})
         direct = kwargs.get("inputs_embeds") is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
         label_words = self._label_word_tensor(reference.device)
-        depth_cached = self._depth_cached(direct, input_ids, attention_mask, kwargs.get("token_type_ids"))
+        depth = self._generic_depth(direct)
+        depth_cached = self._depth_cached(depth, input_ids, attention_mask, kwargs.get("token_type_ids"))
         with self._label_word_head(label_words), depth_cached:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         rows = torch.arange(out.logits.shape[0], device=out.logits.device)
