@@ -219,11 +219,14 @@ def test_causal_class_logits_equal_stock_logits_of_each_row_alone(family):
 def test_masked_class_logits_equal_stock_logits_of_each_row_alone(family):
     prompt, stock = make_models(family, label_word_ids=LABEL_WORDS, mask_token_id=MASK)
     rows = make_rows(masked=True)
+    decoder_inputs = []
+    prompt.get_output_embeddings().register_forward_hook(lambda m, args, out: decoder_inputs.append(out.shape))
     with torch.no_grad():
         alone = torch.stack([stock(input_ids=row[None]).logits[0, len(row) // 2, LABEL_WORDS] for row in rows])
         for side in ("right", "left"):
             logits = prompt(*pad(rows, side, pad_id=0)).logits
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
+    assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS))}  # the head ran at the mask, for the label words
 
 
 def test_sliding_windows_are_the_stock_ones():

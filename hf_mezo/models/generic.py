@@ -313,9 +313,43 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
 class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
     """A `transformers` masked LM with single-token label words through its stock forward.
 
+    The module that holds the output projection (RoBERTa's `lm_head`, BERT's `cls`, DistilBERT's `vocab_projector`)
+    gets each row's hidden state at the mask only (a pre-hook gathers its input): it is a per-position map, so the
+    rest of the sequence is not needed after the encoder.
+
     Extra forward inputs: `mask_positions` (batch,) (default: where `labels` ≠ -100, else the mask token), and
     `class_labels` (batch,) as a keyword (default: the class whose label word `labels` hold at the mask).
     """
+
+    def _head_owner(self) -> nn.Module | None:
+        """The model's top-level child (outside the encoder) holding the output projection."""
+        decoder = self.get_output_embeddings()
+        base = self.base_model
+        for child in self.children():
+            if child is not base and any(m is decoder for m in child.modules()):
+                return child
+        return None
+
+    @contextlib.contextmanager
+    def _head_at(self, positions: torch.Tensor):
+        """Within the block the head sees (batch, 1, hidden): each row at its mask. Yields whether it did."""
+        owner = self._head_owner()
+        seen = []
+
+        def gather(module, args, kwargs):
+            hidden = args[0] if args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != positions.shape[0]:
+                return None  # not the (batch, length, hidden) encoder output: leave the call alone
+            seen.append(True)
+            index = positions.to(hidden.device)[:, None, None].expand(-1, 1, hidden.shape[-1])
+            return (hidden.gather(1, index), *args[1:]), kwargs
+
+        handle = None if owner is None else owner.register_forward_pre_hook(gather, with_kwargs=True)
+        try:
+            yield lambda: bool(seen)
+        finally:
+            if handle is not None:
+                handle.remove()
 
     @can_return_tuple
     def forward(
@@ -357,9 +391,13 @@ class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
         label_words = self._label_word_tensor(reference.device)
         depth = self._generic_depth(direct)
         depth_cached = self._depth_cached(depth, input_ids, attention_mask, kwargs.get("token_type_ids"))
-        with self._label_word_head(label_words), depth_cached:
+        with self._label_word_head(label_words), depth_cached, self._head_at(positions) as gathered:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        rows = torch.arange(out.logits.shape[0], device=out.logits.device)
-        logits = self._columns(out.logits[rows, positions.to(out.logits.device)], label_words)
+        if gathered():
+            logits = out.logits[:, 0]
+        else:
+            rows = torch.arange(out.logits.shape[0], device=out.logits.device)
+            logits = out.logits[rows, positions.to(out.logits.device)]
+        logits = self._columns(logits, label_words)
         loss = self._label_word_loss(logits, targets, num_items_in_batch)
         return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)
