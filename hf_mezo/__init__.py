@@ -5,6 +5,8 @@ from .config import MeZOConfig, ZerothOrderArguments
 from .data import load_sst2
 from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
+    AutoModelForPromptCausalLM,
+    AutoModelForPromptMaskedLM,
     BertForPromptMaskedLM,
     GPT2ForPromptCausalLM,
     LlamaForPromptCausalLM,
@@ -34,6 +36,8 @@ __all__ += [
     "load_sst2_metric",
 ]
 __all__ += [
+    "AutoModelForPromptCausalLM",
+    "AutoModelForPromptMaskedLM",
     "BertForPromptMaskedLM",
     "GPT2ForPromptCausalLM",
     "LlamaForPromptCausalLM",

@@ -97,6 +97,9 @@ class MeZOMixin:
             )
         if isinstance(model, nn.Module):
             warn_frozen_running_statistics(model)
+        collator = kwargs.get("data_collator", pargs[0] if pargs else None)
+        if isinstance(model, nn.Module) and hasattr(collator, "check_model"):
+            collator.check_model(model)  # VerbalizerDataCollator: the model must read its labels (see there)
         super().__init__(model, args, *pargs, **kwargs)
 
     def __init_subclass__(cls, **kwargs):

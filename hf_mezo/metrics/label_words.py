@@ -42,7 +42,10 @@ def load_sst2_metric(**kwargs: Any):
 
 def _label_word_ids(label_word_ids: Sequence[int] | Any) -> list[int]:
     ids = getattr(label_word_ids, "token_ids", label_word_ids)  # a Verbalizer, or the ids themselves
-    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    # A multi-token word (a causal LM's, scored as class logits) is kept as a tuple: it only names its class.
+    ids = [
+        tuple(i) if isinstance(i, (list, tuple)) else int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+    ]
     if len(ids) < 2 or len(set(ids)) != len(ids):
         raise ValueError(f"label_word_ids must be at least 2 distinct token ids, one per class; got {ids}.")
     return ids
