@@ -282,14 +282,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
         self._reduced = None
 
-    def start_seed_log(self) -> None:
+    def start_seed_log(self, build_header: Callable[[ZerothOrderSGD], dict]) -> None:
         """Record every later step's scalars (values, learning rates, skipped) for `hf_mezo.replay_seed_log`.
 
-        The header fingerprints the trainable parameters as they are now: call before the first update.
-        A log already restored from a checkpoint (`load_state_dict`) continues.
+        `build_header(optimizer)` (`hf_mezo.seed_log.build_header`) fingerprints the trainable parameters as they are
+        now: call before the first update. A log already restored from a checkpoint (`load_state_dict`) continues.
         """
-        from .seed_log import build_header
-
+        self._seed_log_header_builder = build_header
         if self.seed_log is None:
             self.seed_log_header, self.seed_log = build_header(self), []
 
@@ -313,7 +312,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             self.seed_log_header, self.seed_log = log["header"], list(log["records"])
         elif self.seed_log is not None:  # logging starts at this resumed step: fingerprint the loaded weights
             self.seed_log = None
-            self.start_seed_log()
+            self.start_seed_log(self._seed_log_header_builder)
 
     def discard_step(self) -> None:
         """Forget the projected gradients measured so far for this step (a step abandoned midway, e.g. on an

@@ -41,7 +41,7 @@ from .model_card import describe_mezo, mezo_description, with_mezo_tags
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
-from .perturbation import check_perturbable, perturbed
+from .perturbation import check_perturbable, perturbed, unperturbed
 from .precision import float32_logits
 from .refusals import (
     refuse_changed_zo_settings_on_resume,
@@ -53,7 +53,7 @@ from .refusals import (
     refuse_unverified_trl_parents,
     warn_frozen_running_statistics,
 )
-from .seed_log import save_seed_log
+from .seed_log import build_header, save_seed_log
 from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
@@ -153,7 +153,7 @@ class MeZOMixin:
                     "replay need whole tensors, which this process does not hold. Unset zo_seed_log, or train "
                     "data-parallel without FSDP (the seed log covers that)."
                 )
-            self.zo_optimizer.start_seed_log()
+            self.zo_optimizer.start_seed_log(build_header)
         return self.optimizer
 
     @property
@@ -286,7 +286,7 @@ class MeZOMixin:
     def _zo_pass(model: nn.Module, optimizer: ZerothOrderSGD, probe: int | None, scale: float):
         """The context of one pass: θ + scale·z_probe, or the model as it is for an unperturbed pass."""
         if probe is None:
-            return torch.no_grad()
+            return unperturbed(model, optimizer)
         return perturbed(model, optimizer, probe, scale)
 
     def _zo_runs_collectives(self, model: nn.Module) -> bool:

@@ -185,13 +185,15 @@ def test_the_global_batch_condition_counts_rows_per_epoch():
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_sharded_run_follows_the_unsharded_trajectory(tmp_path):
+@pytest.mark.parametrize("method", ["mezo", "lozo", "zo_muon"])
+def test_fsdp2_sharded_run_follows_the_unsharded_trajectory(tmp_path, method):
+    """Factored methods too: each rank updates its rows of s·A·Bᵀ, momentum buffers are per rank and equal."""
     from .fsdp_worker import main
 
-    run = _launch("fsdp_worker.py", "--out", str(tmp_path / "sharded"), "--steps", "3")
+    run = _launch("fsdp_worker.py", "--out", str(tmp_path / "sharded"), "--steps", "3", "--method", method)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     sharded = _load(tmp_path / "sharded" / "result.pt")
-    unsharded = main(["--out", str(tmp_path / "unsharded"), "--steps", "3"])
+    unsharded = main(["--out", str(tmp_path / "unsharded"), "--steps", "3", "--method", method])
 
     # Each process held, perturbed and updated only its rows; together the shards tile every parameter.
     for name, (_, _, numel) in sharded["layouts"][0].items():
