@@ -392,6 +392,24 @@ def test_stock_checkpoints_round_trip(family, tmp_path):
     assert isinstance(again, type(stock))
 
 
+def test_causal_lm_labels_give_the_class_loss_on_either_padding_side():
+    """Causal-LM `labels` (batch, length) mark the label word after the prompt; the rows move, the labels must not."""
+    prompt, _ = make_models("qwen3", label_word_ids=LABEL_WORDS)
+    classes = torch.tensor([2, 0, 1, 0])
+    rows = make_rows()
+    with_words = [torch.cat([row, torch.tensor([LABEL_WORDS[c]])]) for row, c in zip(rows, classes.tolist())]
+    with torch.no_grad():
+        expected = prompt(*pad(rows, "right"), class_labels=classes)
+        for side in ("right", "left"):
+            ids, mask = pad(with_words, side)
+            labels = torch.full_like(ids, -100)
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+            labels[torch.arange(len(ids)), last] = ids[torch.arange(len(ids)), last]
+            out = prompt(ids, attention_mask=mask, labels=labels)
+            torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-5, msg=side)
+            torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=1e-6, msg=side)
+
+
 def test_without_label_words_the_forward_is_the_stock_forward():
     prompt, stock = make_models("mistral")
     ids, mask = pad(make_rows(), "right")

@@ -254,6 +254,11 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
         new_tokens = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -length:]
         positions = last_prompt_positions(input_ids, new_tokens, labels, mask_positions, length, batch)
         positions = positions.to(reference.device)
+        targets = None  # read before the rows move (`_align`): causal-LM labels hold the word after the prompt
+        if class_labels is not None:
+            targets = torch.as_tensor(class_labels, device=reference.device).reshape(-1).long()
+        elif labels is not None:
+            targets = class_targets(self._label_word_tensor(labels.device), positions + 1, labels, None)
         kwargs.pop("logits_to_keep", None)
         kwargs.setdefault("use_cache", False)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
@@ -300,12 +305,6 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
                         **kwargs,
                     ).logits
             logits = self._columns(logits[:, 0], label_words)
-        targets = None
-        if class_labels is not None:
-            targets = torch.as_tensor(class_labels, device=logits.device).reshape(-1).long()
-        elif labels is not None:  # causal-LM labels: the label word is the token after the prompt
-            label_words = self._label_word_tensor(logits.device)
-            targets = class_targets(label_words, positions + 1, labels, None)
         loss = self._label_word_loss(logits, targets, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
