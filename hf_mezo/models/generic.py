@@ -39,7 +39,7 @@ from .generic_shared_prefix import shared_prefix_forward
 from .label_words import LabelWordDecoder, class_targets, find_mask_positions, is_multi_token
 from .multi_token import multi_token_scores
 from .prompt_causal import last_prompt_positions, positions_from_attention_mask
-from .prompt_lm import PromptLMMixin, _drops_layers, _drops_out
+from .prompt_lm import PromptLMMixin, _drops_layers, _drops_out, gathers_parameters
 from .shared_prefix import DEFAULT_MIN_TOKENS, SharedPrefix, SharedPrefixMixin, find_shared_prefix
 
 logger = logging.get_logger(__name__)
@@ -166,6 +166,8 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
         """The batch's common prefix, or None when sharing is off or could not be exact (the unshared forward runs)."""
         if not self.share_prefix or input_ids.shape[0] < 2:
             return None
+        if gathers_parameters(self):
+            return None  # sharded (FSDP, ZeRO-3): every rank must run the same forwards, whatever its batch
         if self.training and (any(_drops_out(m) for m in self.modules()) or _drops_layers(self)):
             return None  # each row would draw its own dropout masks on the prefix
         if self.training and torch.is_grad_enabled() and self.is_gradient_checkpointing:
@@ -199,6 +201,8 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
     def _stock_forward(self, **kwargs):
         """The stock forward; `logits_to_keep` sliced here for a family whose forward does not take it."""
         keep = kwargs.pop("logits_to_keep", 0)
+        if "past_key_values" in kwargs and "cache" not in kwargs and self._accepts("cache"):
+            kwargs["cache"] = kwargs.pop("past_key_values")  # peft's name; transformers 5 says `cache`
         if self._accepts("logits_to_keep"):
             return super().forward(logits_to_keep=keep, **kwargs)
         out = super().forward(**kwargs)
