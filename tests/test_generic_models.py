@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
     BloomConfig,
     BloomForCausalLM,
     DebertaV2Config,
@@ -36,13 +38,21 @@ from transformers import (
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     RobertaForMaskedLM,
 )
 
 import hf_mezo.models.multi_token as multi_token
-from hf_mezo import AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM, MeZOTrainer
+from hf_mezo import (
+    AutoModelForPromptCausalLM,
+    AutoModelForPromptMaskedLM,
+    MeZOTrainer,
+    ZerothOrderSGD,
+    perturbed_forward,
+)
 from hf_mezo.models import LlamaForPromptCausalLM, freeze_all_but_top_layers
 from hf_mezo.models.families import FAMILY_LAYOUTS
 
@@ -121,6 +131,16 @@ CAUSAL = {
     ),
     # Families that also have a class of their own, through the generic path.
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_SMALL, num_hidden_layers=2, num_key_value_heads=2)),
+    "qwen2": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            **_SMALL,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        )
+    ),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=64)),
 }
 
@@ -173,6 +193,16 @@ MASKED = {
         DistilBertConfig(vocab_size=VOCAB, dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64)
     ),
     "roberta": lambda: RobertaForMaskedLM(tiny_roberta_config(vocab_size=VOCAB)),
+    "bert": lambda: BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    ),
 }
 
 
@@ -206,6 +236,7 @@ def pad(rows, side, width=12, pad_id=3):
 def test_causal_class_logits_equal_stock_logits_of_each_row_alone(family):
     prompt, stock = make_models(family, label_word_ids=LABEL_WORDS)
     rows = make_rows()
+    last_mlp_inputs = _watch_last_layer_feed_forward(prompt)
     with torch.no_grad():
         alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows])
         for side in ("right", "left"):
@@ -213,6 +244,20 @@ def test_causal_class_logits_equal_stock_logits_of_each_row_alone(family):
             assert logits.shape == (len(rows), len(LABEL_WORDS))
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
         torch.testing.assert_close(prompt(input_ids=rows[2][None]).logits[0], alone[2], rtol=0, atol=1e-5)
+    if last_mlp_inputs is not None:  # the table's recipe ran the last layer's MLP at the label positions only
+        assert {shape[:-1] for shape in last_mlp_inputs} == {(len(rows),), (1,)}
+
+
+def _watch_last_layer_feed_forward(prompt):
+    """Shapes of what the last layer's feed-forward block receives, for a family whose table entry has a recipe."""
+    layout = FAMILY_LAYOUTS.get(prompt.config.model_type)
+    if layout is None or layout.query_layer is None:
+        return None
+    last = prompt._stack_layers()[-1]
+    block = last.mlp if layout.query_layer == "llama" else last.intermediate
+    shapes = []
+    block.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
 
 
 @pytest.mark.parametrize("family", MASKED)
@@ -221,12 +266,15 @@ def test_masked_class_logits_equal_stock_logits_of_each_row_alone(family):
     rows = make_rows(masked=True)
     decoder_inputs = []
     prompt.get_output_embeddings().register_forward_hook(lambda m, args, out: decoder_inputs.append(out.shape))
+    feed_forward_inputs = _watch_last_layer_feed_forward(prompt)
     with torch.no_grad():
         alone = torch.stack([stock(input_ids=row[None]).logits[0, len(row) // 2, LABEL_WORDS] for row in rows])
         for side in ("right", "left"):
             logits = prompt(*pad(rows, side, pad_id=0)).logits
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
     assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS))}  # the head ran at the mask, for the label words
+    if feed_forward_inputs is not None:  # and the last layer's feed-forward block at the mask only
+        assert {shape[:-1] for shape in feed_forward_inputs} == {(len(rows),)}
 
 
 def test_sliding_windows_are_the_stock_ones():
@@ -523,3 +571,30 @@ def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tm
         assert prompt.depth_cache.hits > 0
     if speedup == "shared prefix":
         assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared the 8-token prefix
+
+
+@pytest.mark.parametrize("family", ["mistral", "roberta", "gpt_neox"])
+def test_perturbation_reaches_every_trainable_parameter(family):
+    """Under perturbed_forward the loss is that of the model whose weights are explicitly θ + εz (float64), through
+    the depth cache, the head at the label positions and the table's last-layer recipe."""
+    masked = family in MASKED
+    kwargs = dict(label_word_ids=LABEL_WORDS, mask_token_id=MASK) if masked else dict(label_word_ids=LABEL_WORDS)
+    prompt, _ = make_models(family, dtype=torch.float64, **kwargs)
+    freeze_all_but_top_layers(prompt, 1)
+    trainable = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
+    optimizer = ZerothOrderSGD(trainable, lr=0.0, seed=5)
+    ids, mask = pad(make_rows(masked=masked), "left", pad_id=0 if masked else 3)
+    batch = {"input_ids": ids, "attention_mask": mask, "class_labels": torch.tensor([0, 1, 2, 1])}
+    explicit = copy.deepcopy(prompt)
+    explicit.depth_cache.resize(0)
+    explicit_params = dict(explicit.named_parameters())
+    with torch.no_grad():
+        prompt(**batch)  # fills the depth cache
+        for name, param in trainable:
+            explicit_params[name].copy_(optimizer.perturbed(param, 0, 1e-2))
+        expected = explicit(**batch).loss
+    with perturbed_forward(prompt, optimizer, 0, 1e-2) as touched:
+        perturbed = prompt(**batch).loss
+    assert prompt.depth_cache.hits == len(ids)
+    assert touched == {id(p) for _, p in trainable}
+    torch.testing.assert_close(perturbed, expected, rtol=1e-12, atol=0)

@@ -33,13 +33,14 @@ from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .alignment import RowSpans, gather_rows
-from .families import family_layout, modules_before
+from .families import FAMILY_LAYOUTS, family_layout, modules_before
 from .generic_depth_cache import cached_frozen_layers
 from .generic_shared_prefix import shared_prefix_forward
 from .label_words import LabelWordDecoder, class_targets, find_mask_positions, is_multi_token
 from .multi_token import multi_token_scores
 from .prompt_causal import last_prompt_positions, positions_from_attention_mask
 from .prompt_lm import PromptLMMixin, _drops_layers, _drops_out, gathers_parameters
+from .query_layer import last_layer_at
 from .shared_prefix import DEFAULT_MIN_TOKENS, SharedPrefix, SharedPrefixMixin, find_shared_prefix
 
 logger = logging.get_logger(__name__)
@@ -90,6 +91,16 @@ class GenericPromptLMMixin(PromptLMMixin):
         return cached_frozen_layers(
             self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids
         )
+
+    def _last_layer_at(self, direct: bool, depth: int, positions: torch.Tensor):
+        """A context running the last layer at `positions` only, where the table names a recipe for the family."""
+        layout = FAMILY_LAYOUTS.get(getattr(self.config, "model_type", None))
+        if not direct or layout is None or layout.query_layer is None:
+            return contextlib.nullcontext()
+        layers = self._stack_layers()
+        if depth >= len(layers) or gathers_parameters(layers[-1]):
+            return contextlib.nullcontext()  # the last layer is served from the cache, or sharded (runs whole)
+        return last_layer_at(layers[-1], layout.query_layer, positions)
 
     def _runs_direct(self, input_ids, attention_mask, aligned: bool, kwargs: dict) -> bool:
         """Whether the depth cache may serve this call: plain `input_ids` of rows starting at position 0, the family's
@@ -178,8 +189,9 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
             return None
         return plan
 
-    def _shared_or_unshared(self, input_ids, attention_mask, query_positions, plan, kwargs) -> torch.Tensor:
-        """Logits at the query positions (batch, 1, ...): through the shared prefix where `plan` is set."""
+    def _shared_or_unshared(self, input_ids, attention_mask, query_positions, plan, depth, kwargs) -> torch.Tensor:
+        """Logits at the query positions (batch, 1, ...): through the shared prefix where `plan` is set, else with the
+        last layer at the query positions where the family table has a recipe for it."""
         stats = self.shared_prefix_stats
         stats["layer_runs"] += 1
         if plan is not None:
@@ -193,9 +205,10 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
                 stats["last_shared_tokens"] = plan.length
                 stats["saved_token_layers"] += (plan.batch - 1) * plan.length * self.config.num_hidden_layers
                 return logits
-        out = self._stock_forward(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=query_positions[:, None], **kwargs
-        )
+        with self._last_layer_at(True, depth, query_positions):
+            out = self._stock_forward(
+                input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=query_positions[:, None], **kwargs
+            )
         return out.logits
 
     def _stock_forward(self, **kwargs):
@@ -298,7 +311,7 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
             label_words = self._label_word_tensor(reference.device)
             with self._label_word_head(label_words), self._depth_cached(depth, input_ids, attention_mask):
                 if direct:
-                    logits = self._shared_or_unshared(input_ids, attention_mask, positions, plan, kwargs)
+                    logits = self._shared_or_unshared(input_ids, attention_mask, positions, plan, depth, kwargs)
                 else:
                     logits = self._stock_forward(
                         input_ids=input_ids,
@@ -394,7 +407,8 @@ class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
         label_words = self._label_word_tensor(reference.device)
         depth = self._generic_depth(direct)
         depth_cached = self._depth_cached(depth, input_ids, attention_mask, kwargs.get("token_type_ids"))
-        with self._label_word_head(label_words), depth_cached, self._head_at(positions) as gathered:
+        last_layer = self._last_layer_at(direct, depth, positions)
+        with self._label_word_head(label_words), depth_cached, last_layer, self._head_at(positions) as gathered:
             out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if gathered():
             logits = out.logits[:, 0]
