@@ -16,8 +16,11 @@ Padding: rows with left padding are moved to the left edge first (`alignment`), 
 rule gives each row the positions it has alone; right-padded batches pass through untouched. With a KV cache
 passed in (a peft prefix) the rows stay put and position ids count from each row's first attended token.
 
-What the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) add on top — the depth cache,
-the shared prefix, the last layer's MLP at the query only — needs a family's internals and stays with them.
+Speed-ups that need to address layers read them from one table (`families.FAMILY_LAYOUTS`): the depth cache
+(`generic_depth_cache`) and the last layer at the label positions (`query_layer`). The shared prefix
+(`generic_shared_prefix`) needs only the KV-cache API. A family the table lacks runs the exact path without the first
+two. What only the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) do: the depth cache
+and the shared prefix in the same forward.
 """
 
 from __future__ import annotations
