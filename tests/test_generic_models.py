@@ -598,3 +598,21 @@ def test_perturbation_reaches_every_trainable_parameter(family):
     assert prompt.depth_cache.hits == len(ids)
     assert touched == {id(p) for _, p in trainable}
     torch.testing.assert_close(perturbed, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: ~10 s alone, 30 s on a loaded machine
+def test_a_pickled_prompt_model_loads_in_a_fresh_process(tmp_path):
+    """The prompt subclass is built on demand, so a process that never built it can unpickle the model."""
+    import pickle
+    import subprocess
+    import sys
+
+    prompt, _ = make_models("mistral", label_word_ids=LABEL_WORDS)
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(prompt))
+    code = (
+        "import pickle, sys, transformers; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(type(m).__name__, isinstance(m, transformers.MistralForCausalLM), m.label_word_ids)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["MistralForCausalLMWithLabelWords", "True", "[5,", "9,", "13]"]

@@ -30,11 +30,26 @@ def prompt_class(stock_class: type[PreTrainedModel], mixin: type[GenericPromptLM
     """The prompt subclass of `stock_class` (built once, registered in this module so pickling finds it)."""
     key = (stock_class, mixin)
     if key not in _PROMPT_CLASSES:
-        name = f"{stock_class.__name__}WithLabelWords"
+        name = f"{stock_class.__name__}{_SUFFIX}"
         cls = type(name, (mixin, stock_class), {"__module__": __name__, "__doc__": mixin.__doc__})
         _PROMPT_CLASSES[key] = cls
         globals()[name] = cls
     return _PROMPT_CLASSES[key]
+
+
+_SUFFIX = "WithLabelWords"
+
+
+def __getattr__(name: str) -> type:
+    # A prompt subclass by name in a process that has not built it yet (unpickling): build it now.
+    import transformers
+
+    stock_class = getattr(transformers, name[: -len(_SUFFIX)], None) if name.endswith(_SUFFIX) else None
+    for auto in (AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM):
+        stock_classes = auto._stock_auto._model_mapping.values()
+        if any(stock_class in (c if isinstance(c, tuple) else (c,)) for c in stock_classes):
+            return prompt_class(stock_class, auto._mixin)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _AutoPromptLM:
