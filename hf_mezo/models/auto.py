@@ -20,7 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from transformers.models.auto.auto_factory import _get_model_class
 
 from .depth_cache import DEFAULT_MAX_BYTES
-from .generic import GenericPromptCausalLMMixin, GenericPromptLMMixin, GenericPromptMaskedLMMixin
+from .generic import GenericPromptLMMixin
+from .generic_causal import GenericPromptCausalLMMixin
+from .generic_masked import GenericPromptMaskedLMMixin
 from .prompt_lm import PromptLMMixin
 
 _PROMPT_CLASSES: dict[tuple[type, type], type] = {}
