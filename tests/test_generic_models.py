@@ -178,6 +178,19 @@ MASKED = {
             pad_token_id=0,
         )
     ),
+    # legacy=False: the head multiplies by the embedding matrix inline (no output-embedding module over the vocabulary)
+    "deberta_v2_inline_head": lambda: DebertaV2ForMaskedLM(
+        DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            legacy=False,
+            pad_token_id=0,
+        )
+    ),
     "electra": lambda: ElectraForMaskedLM(
         ElectraConfig(
             vocab_size=VOCAB,
@@ -272,7 +285,9 @@ def test_masked_class_logits_equal_stock_logits_of_each_row_alone(family):
         for side in ("right", "left"):
             logits = prompt(*pad(rows, side, pad_id=0)).logits
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
-    assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS))}  # the head ran at the mask, for the label words
+    # The head ran at the mask, for the label words (DeBERTa-v2's inline head: at the mask, for the vocabulary).
+    restricted = family != "deberta_v2_inline_head"
+    assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS) if restricted else 16)}
     if feed_forward_inputs is not None:  # and the last layer's feed-forward block at the mask only
         assert {shape[:-1] for shape in feed_forward_inputs} == {(len(rows),)}
 
