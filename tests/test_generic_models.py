@@ -389,6 +389,24 @@ def test_shared_prefix_scores_equal_stock_logits_of_each_row_alone(family):
     assert prompt.shared_prefix_stats["shared_layer_runs"] == 0
 
 
+@pytest.mark.parametrize("family", ["mistral", "gpt2", "falcon"])
+def test_shared_prefix_fills_the_depth_cache_and_served_rows_run_unshared(family):
+    """Cache misses run shared (the frozen rows are merged back from the prefix and the rows' own tokens); hits skip
+    the frozen layers and run the top ones unshared. Both equal the stock model on each row alone."""
+    prompt, stock = make_models(family, label_word_ids=LABEL_WORDS)
+    freeze_all_but_top_layers(prompt, 1)
+    rows = prefixed_rows()
+    with torch.no_grad():
+        alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows])
+        seen = []
+        for side in ("left", "right"):
+            logits = prompt(*pad(rows, side, width=17)).logits
+            torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
+            cache, stats = prompt.depth_cache, prompt.shared_prefix_stats
+            seen.append((cache.hits, cache.misses, stats["shared_layer_runs"]))
+    assert seen == [(0, 4, 1), (4, 4, 1)]
+
+
 def teacher_forced_scores(stock, row, words):
     """Each word's mean token log-probability after `row`, from one stock forward of prompt + word, alone."""
     scores = []
@@ -549,17 +567,22 @@ def _class_dataset(n=8, prefix_length=0):
 
 @pytest.mark.parametrize(
     "words, speedup",
-    [(LABEL_WORDS, "depth cache"), (LABEL_WORDS, "shared prefix"), (MULTI_TOKEN_WORDS, "depth cache")],
-    ids=["single-token-depth-cache", "single-token-shared-prefix", "multi-token"],
+    [
+        (LABEL_WORDS, "depth cache"),
+        (LABEL_WORDS, "shared prefix"),
+        (LABEL_WORDS, "both"),
+        (MULTI_TOKEN_WORDS, "depth cache"),
+    ],
+    ids=["single-token-depth-cache", "single-token-shared-prefix", "single-token-both", "multi-token"],
 )
 def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tmp_path):
     """One MeZOTrainer step on GPT-NeoX (LayerNorm, parallel attention; its arithmetic stays in float64):
     Δθ = −η·g·z with g = zᵀ∇L from autograd on the same batch, to 1e-6 relative at ε = 1e-6 — with the frozen
-    bottom layer served from the depth cache, or, all layers training, the rows' common prefix shared."""
+    bottom layer served from the depth cache, the rows' common prefix shared, or both."""
     prompt, _ = make_models("gpt_neox", dtype=torch.float64, label_word_ids=words)
-    if speedup == "depth cache":
+    if speedup in ("depth cache", "both"):
         freeze_all_but_top_layers(prompt, 1)
-    data = _class_dataset(prefix_length=8 if speedup == "shared prefix" else 0)
+    data = _class_dataset(prefix_length=8 if speedup in ("shared prefix", "both") else 0)
     eta, eps = 1e-3, 1e-6
     args = mezo_args(tmp_path, learning_rate=eta, zo_eps=eps, weight_decay=0.0, zo_distribution="rademacher")
     before = snapshot(prompt)
@@ -582,10 +605,10 @@ def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tm
         if n not in z:
             assert torch.equal(p.detach(), before[n]), n
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
-    if words == LABEL_WORDS and speedup == "depth cache":  # the frozen bottom layer served in the −εz pass
+    if words == LABEL_WORDS and speedup in ("depth cache", "both"):  # the frozen bottom served in the −εz pass
         assert prompt.depth_cache.hits > 0
-    if speedup == "shared prefix":
-        assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared the 8-token prefix
+    if speedup in ("shared prefix", "both"):  # the 8-token prefix shared in both passes, or in the filling one
+        assert prompt.shared_prefix_stats["shared_layer_runs"] >= (2 if speedup == "shared prefix" else 1)
 
 
 @pytest.mark.parametrize("family", ["mistral", "roberta", "gpt_neox"])

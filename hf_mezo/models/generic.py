@@ -19,8 +19,8 @@ passed in (a peft prefix) the rows stay put and position ids count from each row
 Speed-ups that need to address layers read them from one table (`families.FAMILY_LAYOUTS`): the depth cache
 (`generic_depth_cache`) and the last layer at the label positions (`query_layer`). The shared prefix
 (`generic_shared_prefix`) needs only the KV-cache API. A family the table lacks runs the exact path without the first
-two. What only the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) do: the depth cache
-and the shared prefix in the same forward.
+two. What only the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) do: share the prefix
+above the cut in a forward the depth cache serves.
 """
 
 from __future__ import annotations
@@ -80,12 +80,13 @@ class GenericPromptLMMixin(PromptLMMixin):
             return self._cacheable_depth()
         return 0
 
-    def _depth_cached(self, depth: int, input_ids, attention_mask, token_type_ids=None):
-        """A context serving the frozen bottom layers (below `depth`) of this forward from the depth cache."""
+    def _depth_cached(self, depth: int, input_ids, attention_mask, token_type_ids=None, plan=None):
+        """A context serving the frozen bottom layers (below `depth`) of this forward from the depth cache; it yields
+        whether it serves."""
         if depth == 0:
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(False)
         return cached_frozen_layers(
-            self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids
+            self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids, plan
         )
 
     def _last_layer_at(self, direct: bool, depth: int, positions: torch.Tensor):

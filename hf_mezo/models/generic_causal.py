@@ -25,8 +25,9 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
     """A `transformers` causal LM with label words (one token or several per class) through its stock forward.
 
     Speed-ups (single-token words, `input_ids` forwards): the depth cache where the family table locates the layers
-    and the bottom layers are frozen; otherwise the shared prefix (`generic_shared_prefix`; `config.share_prefix`,
-    `config.share_prefix_min_tokens` as for the family classes).
+    and the bottom layers are frozen; the shared prefix (`generic_shared_prefix`; `config.share_prefix`,
+    `config.share_prefix_min_tokens` as for the family classes) in forwards the depth cache does not serve, including
+    those that fill it.
 
     Extra forward inputs: `mask_positions` (batch,): each row's last prompt token (default: the token before the
     single label in causal-LM `labels`, else the last attended token); `class_labels` (batch,) as a keyword, or
@@ -169,10 +170,12 @@ class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
                 input_ids, inputs_embeds = tensors["input_ids"], tensors["inputs_embeds"]
             direct = inputs_embeds is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
             depth = self._generic_depth(direct)
-            plan = self._shared_prefix_plan(input_ids, attention_mask, positions) if direct and not depth else None
+            plan = self._shared_prefix_plan(input_ids, attention_mask, positions) if direct else None
             label_words = self._label_word_tensor(reference.device)
-            with self._label_word_head(label_words), self._depth_cached(depth, input_ids, attention_mask):
-                if direct:
+            depth_cached = self._depth_cached(depth, input_ids, attention_mask, plan=plan)
+            with self._label_word_head(label_words), depth_cached as served:
+                if direct:  # served frozen layers leave the KV cache incomplete: then the top layers run unshared
+                    plan = None if served else plan
                     logits = self._shared_or_unshared(input_ids, attention_mask, positions, plan, depth, kwargs)
                 else:
                     logits = self._stock_forward(
