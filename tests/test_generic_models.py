@@ -8,6 +8,8 @@ import copy
 import pytest
 import torch
 from transformers import (
+    BertConfig,
+    BertForMaskedLM,
     BloomConfig,
     BloomForCausalLM,
     DebertaV2Config,
@@ -36,13 +38,21 @@ from transformers import (
     OPTForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     RobertaForMaskedLM,
 )
 
 import hf_mezo.models.multi_token as multi_token
-from hf_mezo import AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM, MeZOTrainer
+from hf_mezo import (
+    AutoModelForPromptCausalLM,
+    AutoModelForPromptMaskedLM,
+    MeZOTrainer,
+    ZerothOrderSGD,
+    perturbed_forward,
+)
 from hf_mezo.models import LlamaForPromptCausalLM, freeze_all_but_top_layers
 from hf_mezo.models.families import FAMILY_LAYOUTS
 
@@ -121,6 +131,16 @@ CAUSAL = {
     ),
     # Families that also have a class of their own, through the generic path.
     "llama": lambda: LlamaForCausalLM(LlamaConfig(**_SMALL, num_hidden_layers=2, num_key_value_heads=2)),
+    "qwen2": lambda: Qwen2ForCausalLM(
+        Qwen2Config(
+            **_SMALL,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        )
+    ),
     "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=4, n_positions=64)),
 }
 
@@ -158,6 +178,19 @@ MASKED = {
             pad_token_id=0,
         )
     ),
+    # legacy=False: the head multiplies by the embedding matrix inline (no output-embedding module over the vocabulary)
+    "deberta_v2_inline_head": lambda: DebertaV2ForMaskedLM(
+        DebertaV2Config(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            legacy=False,
+            pad_token_id=0,
+        )
+    ),
     "electra": lambda: ElectraForMaskedLM(
         ElectraConfig(
             vocab_size=VOCAB,
@@ -173,6 +206,16 @@ MASKED = {
         DistilBertConfig(vocab_size=VOCAB, dim=16, hidden_dim=32, n_layers=2, n_heads=2, max_position_embeddings=64)
     ),
     "roberta": lambda: RobertaForMaskedLM(tiny_roberta_config(vocab_size=VOCAB)),
+    "bert": lambda: BertForMaskedLM(
+        BertConfig(
+            vocab_size=VOCAB,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+        )
+    ),
 }
 
 
@@ -206,6 +249,7 @@ def pad(rows, side, width=12, pad_id=3):
 def test_causal_class_logits_equal_stock_logits_of_each_row_alone(family):
     prompt, stock = make_models(family, label_word_ids=LABEL_WORDS)
     rows = make_rows()
+    last_mlp_inputs = _watch_last_layer_feed_forward(prompt)
     with torch.no_grad():
         alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows])
         for side in ("right", "left"):
@@ -213,6 +257,20 @@ def test_causal_class_logits_equal_stock_logits_of_each_row_alone(family):
             assert logits.shape == (len(rows), len(LABEL_WORDS))
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
         torch.testing.assert_close(prompt(input_ids=rows[2][None]).logits[0], alone[2], rtol=0, atol=1e-5)
+    if last_mlp_inputs is not None:  # the table's recipe ran the last layer's MLP at the label positions only
+        assert {shape[:-1] for shape in last_mlp_inputs} == {(len(rows),), (1,)}
+
+
+def _watch_last_layer_feed_forward(prompt):
+    """Shapes of what the last layer's feed-forward block receives, for a family whose table entry has a recipe."""
+    layout = FAMILY_LAYOUTS.get(prompt.config.model_type)
+    if layout is None or layout.query_layer is None:
+        return None
+    last = prompt._stack_layers()[-1]
+    block = last.mlp if layout.query_layer == "llama" else last.intermediate
+    shapes = []
+    block.register_forward_hook(lambda module, args, out: shapes.append(tuple(args[0].shape)))
+    return shapes
 
 
 @pytest.mark.parametrize("family", MASKED)
@@ -221,12 +279,17 @@ def test_masked_class_logits_equal_stock_logits_of_each_row_alone(family):
     rows = make_rows(masked=True)
     decoder_inputs = []
     prompt.get_output_embeddings().register_forward_hook(lambda m, args, out: decoder_inputs.append(out.shape))
+    feed_forward_inputs = _watch_last_layer_feed_forward(prompt)
     with torch.no_grad():
         alone = torch.stack([stock(input_ids=row[None]).logits[0, len(row) // 2, LABEL_WORDS] for row in rows])
         for side in ("right", "left"):
             logits = prompt(*pad(rows, side, pad_id=0)).logits
             torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
-    assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS))}  # the head ran at the mask, for the label words
+    # The head ran at the mask, for the label words (DeBERTa-v2's inline head: at the mask, for the vocabulary).
+    restricted = family != "deberta_v2_inline_head"
+    assert set(decoder_inputs) == {(len(rows), 1, len(LABEL_WORDS) if restricted else 16)}
+    if feed_forward_inputs is not None:  # and the last layer's feed-forward block at the mask only
+        assert {shape[:-1] for shape in feed_forward_inputs} == {(len(rows),)}
 
 
 def test_sliding_windows_are_the_stock_ones():
@@ -326,6 +389,24 @@ def test_shared_prefix_scores_equal_stock_logits_of_each_row_alone(family):
     assert prompt.shared_prefix_stats["shared_layer_runs"] == 0
 
 
+@pytest.mark.parametrize("family", ["mistral", "gpt2", "falcon"])
+def test_shared_prefix_fills_the_depth_cache_and_served_rows_run_unshared(family):
+    """Cache misses run shared (the frozen rows are merged back from the prefix and the rows' own tokens); hits skip
+    the frozen layers and run the top ones unshared. Both equal the stock model on each row alone."""
+    prompt, stock = make_models(family, label_word_ids=LABEL_WORDS)
+    freeze_all_but_top_layers(prompt, 1)
+    rows = prefixed_rows()
+    with torch.no_grad():
+        alone = torch.stack([stock(input_ids=row[None]).logits[0, -1, LABEL_WORDS] for row in rows])
+        seen = []
+        for side in ("left", "right"):
+            logits = prompt(*pad(rows, side, width=17)).logits
+            torch.testing.assert_close(logits, alone, rtol=0, atol=1e-5, msg=f"{family} {side}")
+            cache, stats = prompt.depth_cache, prompt.shared_prefix_stats
+            seen.append((cache.hits, cache.misses, stats["shared_layer_runs"]))
+    assert seen == [(0, 4, 1), (4, 4, 1)]
+
+
 def teacher_forced_scores(stock, row, words):
     """Each word's mean token log-probability after `row`, from one stock forward of prompt + word, alone."""
     scores = []
@@ -390,6 +471,24 @@ def test_stock_checkpoints_round_trip(family, tmp_path):
     again = auto.from_pretrained(tmp_path / "prompt")
     assert again.label_word_ids == LABEL_WORDS
     assert isinstance(again, type(stock))
+
+
+def test_causal_lm_labels_give_the_class_loss_on_either_padding_side():
+    """Causal-LM `labels` (batch, length) mark the label word after the prompt; the rows move, the labels must not."""
+    prompt, _ = make_models("qwen3", label_word_ids=LABEL_WORDS)
+    classes = torch.tensor([2, 0, 1, 0])
+    rows = make_rows()
+    with_words = [torch.cat([row, torch.tensor([LABEL_WORDS[c]])]) for row, c in zip(rows, classes.tolist())]
+    with torch.no_grad():
+        expected = prompt(*pad(rows, "right"), class_labels=classes)
+        for side in ("right", "left"):
+            ids, mask = pad(with_words, side)
+            labels = torch.full_like(ids, -100)
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)
+            labels[torch.arange(len(ids)), last] = ids[torch.arange(len(ids)), last]
+            out = prompt(ids, attention_mask=mask, labels=labels)
+            torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-5, msg=side)
+            torch.testing.assert_close(out.loss, expected.loss, rtol=0, atol=1e-6, msg=side)
 
 
 def test_without_label_words_the_forward_is_the_stock_forward():
@@ -468,17 +567,22 @@ def _class_dataset(n=8, prefix_length=0):
 
 @pytest.mark.parametrize(
     "words, speedup",
-    [(LABEL_WORDS, "depth cache"), (LABEL_WORDS, "shared prefix"), (MULTI_TOKEN_WORDS, "depth cache")],
-    ids=["single-token-depth-cache", "single-token-shared-prefix", "multi-token"],
+    [
+        (LABEL_WORDS, "depth cache"),
+        (LABEL_WORDS, "shared prefix"),
+        (LABEL_WORDS, "both"),
+        (MULTI_TOKEN_WORDS, "depth cache"),
+    ],
+    ids=["single-token-depth-cache", "single-token-shared-prefix", "single-token-both", "multi-token"],
 )
 def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tmp_path):
     """One MeZOTrainer step on GPT-NeoX (LayerNorm, parallel attention; its arithmetic stays in float64):
     Δθ = −η·g·z with g = zᵀ∇L from autograd on the same batch, to 1e-6 relative at ε = 1e-6 — with the frozen
-    bottom layer served from the depth cache, or, all layers training, the rows' common prefix shared."""
+    bottom layer served from the depth cache, the rows' common prefix shared, or both."""
     prompt, _ = make_models("gpt_neox", dtype=torch.float64, label_word_ids=words)
-    if speedup == "depth cache":
+    if speedup in ("depth cache", "both"):
         freeze_all_but_top_layers(prompt, 1)
-    data = _class_dataset(prefix_length=8 if speedup == "shared prefix" else 0)
+    data = _class_dataset(prefix_length=8 if speedup in ("shared prefix", "both") else 0)
     eta, eps = 1e-3, 1e-6
     args = mezo_args(tmp_path, learning_rate=eta, zo_eps=eps, weight_decay=0.0, zo_distribution="rademacher")
     before = snapshot(prompt)
@@ -501,7 +605,52 @@ def test_mezo_estimator_through_the_generic_causal_lm_float64(words, speedup, tm
         if n not in z:
             assert torch.equal(p.detach(), before[n]), n
     assert abs(g_observed - directional) <= 1e-6 * abs(directional)
-    if words == LABEL_WORDS and speedup == "depth cache":  # the frozen bottom layer served in the −εz pass
+    if words == LABEL_WORDS and speedup in ("depth cache", "both"):  # the frozen bottom served in the −εz pass
         assert prompt.depth_cache.hits > 0
-    if speedup == "shared prefix":
-        assert prompt.shared_prefix_stats["shared_layer_runs"] >= 2  # both passes shared the 8-token prefix
+    if speedup in ("shared prefix", "both"):  # the 8-token prefix shared in both passes, or in the filling one
+        assert prompt.shared_prefix_stats["shared_layer_runs"] >= (2 if speedup == "shared prefix" else 1)
+
+
+@pytest.mark.parametrize("family", ["mistral", "roberta", "gpt_neox"])
+def test_perturbation_reaches_every_trainable_parameter(family):
+    """Under perturbed_forward the loss is that of the model whose weights are explicitly θ + εz (float64), through
+    the depth cache, the head at the label positions and the table's last-layer recipe."""
+    masked = family in MASKED
+    kwargs = dict(label_word_ids=LABEL_WORDS, mask_token_id=MASK) if masked else dict(label_word_ids=LABEL_WORDS)
+    prompt, _ = make_models(family, dtype=torch.float64, **kwargs)
+    freeze_all_but_top_layers(prompt, 1)
+    trainable = [(n, p) for n, p in prompt.named_parameters() if p.requires_grad]
+    optimizer = ZerothOrderSGD(trainable, lr=0.0, seed=5)
+    ids, mask = pad(make_rows(masked=masked), "left", pad_id=0 if masked else 3)
+    batch = {"input_ids": ids, "attention_mask": mask, "class_labels": torch.tensor([0, 1, 2, 1])}
+    explicit = copy.deepcopy(prompt)
+    explicit.depth_cache.resize(0)
+    explicit_params = dict(explicit.named_parameters())
+    with torch.no_grad():
+        prompt(**batch)  # fills the depth cache
+        for name, param in trainable:
+            explicit_params[name].copy_(optimizer.perturbed(param, 0, 1e-2))
+        expected = explicit(**batch).loss
+    with perturbed_forward(prompt, optimizer, 0, 1e-2) as touched:
+        perturbed = prompt(**batch).loss
+    assert prompt.depth_cache.hits == len(ids)
+    assert touched == {id(p) for _, p in trainable}
+    torch.testing.assert_close(perturbed, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers: ~10 s alone, 30 s on a loaded machine
+def test_a_pickled_prompt_model_loads_in_a_fresh_process(tmp_path):
+    """The prompt subclass is built on demand, so a process that never built it can unpickle the model."""
+    import pickle
+    import subprocess
+    import sys
+
+    prompt, _ = make_models("mistral", label_word_ids=LABEL_WORDS)
+    path = tmp_path / "model.pkl"
+    path.write_bytes(pickle.dumps(prompt))
+    code = (
+        "import pickle, sys, transformers; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "print(type(m).__name__, isinstance(m, transformers.MistralForCausalLM), m.label_word_ids)"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["MistralForCausalLMWithLabelWords", "True", "[5,", "9,", "13]"]

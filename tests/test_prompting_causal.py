@@ -214,3 +214,31 @@ def test_multi_token_label_words_from_words_to_scores():
         VerbalizerDataCollator(
             tokenizer, "{sentence} It was {mask}.", Verbalizer(words, tokenizer, multi_token=True), causal=False
         )
+
+
+def test_multi_token_words_through_the_trainers_evaluation(tmp_path):
+    """Evaluation with build_compute_metrics(verbalizer) on multi-token words: accuracy of the argmax of the scores."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_mezo import AutoModelForPromptCausalLM, build_compute_metrics
+
+    tokenizer = gpt2_style_tokenizer()
+    collator = VerbalizerDataCollator(tokenizer, "{sentence} It was", ["marvellousness", "great"])
+    model = AutoModelForPromptCausalLM.from_model(_tiny_llama(), label_word_ids=collator.verbalizer.label_word_ids)
+    rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTENCES * 2)]
+    compute_metrics, preprocess = build_compute_metrics(collator.verbalizer)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), per_device_eval_batch_size=3, remove_unused_columns=False, report_to="none"
+        ),
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess,
+    )
+    metrics = trainer.evaluate(eval_dataset=Dataset.from_list(rows))
+    with torch.no_grad():
+        predictions = [int(model(**collator([row])).logits.argmax(-1)) for row in rows]
+    accuracy = sum(p == row["label"] for p, row in zip(predictions, rows)) / len(rows)
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-12)

@@ -4,7 +4,8 @@ the family classes with an exact cache of the frozen bottom layers and a shared 
 from .auto import AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM
 from .depth_cache import DepthCache
 from .freezing import encoder_layers, freeze_all_but_top_layers
-from .generic import GenericPromptCausalLMMixin, GenericPromptMaskedLMMixin
+from .generic_causal import GenericPromptCausalLMMixin
+from .generic_masked import GenericPromptMaskedLMMixin
 from .label_words import LabelWordDecoder
 from .prompt_causal import (
     GPT2ForPromptCausalLM,

@@ -20,7 +20,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM,
 from transformers.models.auto.auto_factory import _get_model_class
 
 from .depth_cache import DEFAULT_MAX_BYTES
-from .generic import GenericPromptCausalLMMixin, GenericPromptLMMixin, GenericPromptMaskedLMMixin
+from .generic import GenericPromptLMMixin
+from .generic_causal import GenericPromptCausalLMMixin
+from .generic_masked import GenericPromptMaskedLMMixin
 from .prompt_lm import PromptLMMixin
 
 _PROMPT_CLASSES: dict[tuple[type, type], type] = {}
@@ -30,11 +32,26 @@ def prompt_class(stock_class: type[PreTrainedModel], mixin: type[GenericPromptLM
     """The prompt subclass of `stock_class` (built once, registered in this module so pickling finds it)."""
     key = (stock_class, mixin)
     if key not in _PROMPT_CLASSES:
-        name = f"{stock_class.__name__}WithLabelWords"
+        name = f"{stock_class.__name__}{_SUFFIX}"
         cls = type(name, (mixin, stock_class), {"__module__": __name__, "__doc__": mixin.__doc__})
         _PROMPT_CLASSES[key] = cls
         globals()[name] = cls
     return _PROMPT_CLASSES[key]
+
+
+_SUFFIX = "WithLabelWords"
+
+
+def __getattr__(name: str) -> type:
+    # A prompt subclass by name in a process that has not built it yet (unpickling): build it now.
+    import transformers
+
+    stock_class = getattr(transformers, name[: -len(_SUFFIX)], None) if name.endswith(_SUFFIX) else None
+    for auto in (AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM):
+        stock_classes = auto._stock_auto._model_mapping.values()
+        if any(stock_class in (c if isinstance(c, tuple) else (c,)) for c in stock_classes):
+            return prompt_class(stock_class, auto._mixin)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _AutoPromptLM:

@@ -3,8 +3,8 @@
 One table, peft-style (`TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING`): `model_type` → paths relative to
 `model.base_model`. The generic prompt LMs need nothing else from a family; the table serves the speed-ups that
 must address layers (the depth cache skips the frozen bottom layers; `freeze_all_but_top_layers` trains the top
-ones and the final norm that feeds the head). Every entry is checked by the tests against the stock forward
-(cached == uncached == stock). A family the table does not list runs the generic exact path without those speed-ups
+ones and the final norm that feeds the head; `query_layer` runs the last layer at the label positions only). Every
+entry is checked by the tests against the stock forward (cached == uncached == stock). A family the table does not list runs the generic exact path without those speed-ups
 and says so once.
 
 Left out on purpose: DeBERTa-v2 (its encoder applies a convolution after layer 0, outside the layer, so a skipped
@@ -23,21 +23,24 @@ logger = logging.get_logger(__name__)
 
 @dataclass(frozen=True)
 class FamilyLayout:
-    """Paths relative to `model.base_model`: the layer stack (an `nn.ModuleList`) and what follows it (final norms)."""
+    """Paths relative to `model.base_model`: the layer stack (an `nn.ModuleList`) and what follows it (final norms);
+    and the recipe (`query_layer.QUERY_LAYER_RECIPES`) that runs its last layer at the label positions, if any."""
 
     layers: str
     final: tuple[str, ...] = ()
+    query_layer: str | None = None
 
 
 _DECODER = FamilyLayout("layers", ("norm",))
-_ENCODER = FamilyLayout("encoder.layer")
+_LLAMA_LIKE = FamilyLayout("layers", ("norm",), query_layer="llama")
+_ENCODER = FamilyLayout("encoder.layer", query_layer="bert")
 
 FAMILY_LAYOUTS: dict[str, FamilyLayout] = {
     # decoders
-    "llama": _DECODER,
-    "mistral": _DECODER,
-    "qwen2": _DECODER,
-    "qwen3": _DECODER,
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
     "gemma2": _DECODER,
     "gemma3_text": _DECODER,
     "phi3": _DECODER,

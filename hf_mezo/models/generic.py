@@ -16,8 +16,11 @@ Padding: rows with left padding are moved to the left edge first (`alignment`), 
 rule gives each row the positions it has alone; right-padded batches pass through untouched. With a KV cache
 passed in (a peft prefix) the rows stay put and position ids count from each row's first attended token.
 
-What the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) add on top — the depth cache,
-the shared prefix, the last layer's MLP at the query only — needs a family's internals and stays with them.
+Speed-ups that need to address layers read them from one table (`families.FAMILY_LAYOUTS`): the depth cache
+(`generic_depth_cache`) and the last layer at the label positions (`query_layer`). The shared prefix
+(`generic_shared_prefix`) needs only the KV-cache API. A family the table lacks runs the exact path without the first
+two. What only the family classes (`LlamaForPromptCausalLM`, `RobertaForPromptMaskedLM`, ...) do: share the prefix
+above the cut in a forward the depth cache serves.
 """
 
 from __future__ import annotations
@@ -27,20 +30,14 @@ import inspect
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import CausalLMOutputWithPast, MaskedLMOutput
-from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import logging
-from transformers.utils.generic import can_return_tuple
 
 from .alignment import RowSpans, gather_rows
-from .families import family_layout, modules_before
+from .families import FAMILY_LAYOUTS, family_layout, modules_before
 from .generic_depth_cache import cached_frozen_layers
-from .generic_shared_prefix import shared_prefix_forward
-from .label_words import LabelWordDecoder, class_targets, find_mask_positions, is_multi_token
-from .multi_token import multi_token_scores
-from .prompt_causal import last_prompt_positions, positions_from_attention_mask
-from .prompt_lm import PromptLMMixin, _drops_layers, _drops_out
-from .shared_prefix import DEFAULT_MIN_TOKENS, SharedPrefix, SharedPrefixMixin, find_shared_prefix
+from .label_words import LabelWordDecoder
+from .prompt_lm import PromptLMMixin, gathers_parameters
+from .query_layer import last_layer_at
 
 logger = logging.get_logger(__name__)
 
@@ -83,13 +80,24 @@ class GenericPromptLMMixin(PromptLMMixin):
             return self._cacheable_depth()
         return 0
 
-    def _depth_cached(self, depth: int, input_ids, attention_mask, token_type_ids=None):
-        """A context serving the frozen bottom layers (below `depth`) of this forward from the depth cache."""
+    def _depth_cached(self, depth: int, input_ids, attention_mask, token_type_ids=None, plan=None):
+        """A context serving the frozen bottom layers (below `depth`) of this forward from the depth cache; it yields
+        whether it serves."""
         if depth == 0:
-            return contextlib.nullcontext()
+            return contextlib.nullcontext(False)
         return cached_frozen_layers(
-            self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids
+            self, self.depth_cache, self._stack_layers(), depth, input_ids, attention_mask, token_type_ids, plan
         )
+
+    def _last_layer_at(self, direct: bool, depth: int, positions: torch.Tensor):
+        """A context running the last layer at `positions` only, where the table names a recipe for the family."""
+        layout = FAMILY_LAYOUTS.get(getattr(self.config, "model_type", None))
+        if not direct or layout is None or layout.query_layer is None:
+            return contextlib.nullcontext()
+        layers = self._stack_layers()
+        if depth >= len(layers) or gathers_parameters(layers[-1]):
+            return contextlib.nullcontext()  # the last layer is served from the cache, or sharded (runs whole)
+        return last_layer_at(layers[-1], layout.query_layer, positions)
 
     def _runs_direct(self, input_ids, attention_mask, aligned: bool, kwargs: dict) -> bool:
         """Whether the depth cache may serve this call: plain `input_ids` of rows starting at position 0, the family's
@@ -133,7 +141,7 @@ class GenericPromptLMMixin(PromptLMMixin):
             )
 
 
-def _align(tensors: dict, attention_mask: torch.Tensor, positions: torch.Tensor | None):
+def align_rows(tensors: dict, attention_mask: torch.Tensor, positions: torch.Tensor | None):
     """Move left-padded rows to the left edge: `tensors` (batch, length[, ...]) and the query positions alike.
 
     Returns them with the new mask and whether every row now starts at position 0 (False: a row has holes and
@@ -146,258 +154,3 @@ def _align(tensors: dict, attention_mask: torch.Tensor, positions: torch.Tensor 
     if positions is not None:
         positions = positions - spans.starts.to(positions.device)
     return moved, valid.to(attention_mask.dtype), positions, True
-
-
-class GenericPromptCausalLMMixin(SharedPrefixMixin, GenericPromptLMMixin):
-    """A `transformers` causal LM with label words (one token or several per class) through its stock forward.
-
-    Speed-ups (single-token words, `input_ids` forwards): the depth cache where the family table locates the layers
-    and the bottom layers are frozen; otherwise the shared prefix (`generic_shared_prefix`; `config.share_prefix`,
-    `config.share_prefix_min_tokens` as for the family classes).
-
-    Extra forward inputs: `mask_positions` (batch,): each row's last prompt token (default: the token before the
-    single label in causal-LM `labels`, else the last attended token); `class_labels` (batch,) as a keyword, or
-    class-index `labels` (batch,) as `VerbalizerDataCollator(causal=True)` returns them.
-    """
-
-    _multi_token_label_words = True
-
-    def _shared_prefix_plan(self, input_ids, attention_mask, query_positions) -> SharedPrefix | None:
-        """The batch's common prefix, or None when sharing is off or could not be exact (the unshared forward runs)."""
-        if not self.share_prefix or input_ids.shape[0] < 2:
-            return None
-        if self.training and (any(_drops_out(m) for m in self.modules()) or _drops_layers(self)):
-            return None  # each row would draw its own dropout masks on the prefix
-        if self.training and torch.is_grad_enabled() and self.is_gradient_checkpointing:
-            return None  # checkpointed layers drop the KV cache
-        min_tokens = getattr(self.config, "share_prefix_min_tokens", DEFAULT_MIN_TOKENS)
-        plan = find_shared_prefix(input_ids, attention_mask, None, min_tokens)
-        if plan is None or not bool((query_positions >= plan.length).all()):
-            return None
-        return plan
-
-    def _shared_or_unshared(self, input_ids, attention_mask, query_positions, plan, kwargs) -> torch.Tensor:
-        """Logits at the query positions (batch, 1, ...): through the shared prefix where `plan` is set."""
-        stats = self.shared_prefix_stats
-        stats["layer_runs"] += 1
-        if plan is not None:
-            forward_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-            logits = shared_prefix_forward(
-                lambda **inputs: self._stock_forward(**inputs, **forward_kwargs), input_ids, query_positions, plan
-            )
-            if logits is not None:
-                stats["shared_layer_runs"] += 1
-                stats["shared_tokens"] += plan.length
-                stats["last_shared_tokens"] = plan.length
-                stats["saved_token_layers"] += (plan.batch - 1) * plan.length * self.config.num_hidden_layers
-                return logits
-        out = self._stock_forward(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=query_positions[:, None], **kwargs
-        )
-        return out.logits
-
-    def _stock_forward(self, **kwargs):
-        """The stock forward; `logits_to_keep` sliced here for a family whose forward does not take it."""
-        keep = kwargs.pop("logits_to_keep", 0)
-        if self._accepts("logits_to_keep"):
-            return super().forward(logits_to_keep=keep, **kwargs)
-        out = super().forward(**kwargs)
-        out.logits = slice_logits_to_keep(out.logits, keep)
-        return out
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_positions: torch.Tensor | None = None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        r"""The stock causal-LM forward, or with label words: class logits (batch × classes) and the label-word loss.
-
-        mask_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Each row's last prompt token, whose next-token distribution scores the classes.
-        class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*, keyword):
-            The class of each example. Default: `labels` if it has shape (batch,), else the class whose label word
-            causal-LM `labels` (batch, length) hold after the prompt (single-token words).
-        """
-        class_labels = kwargs.pop("class_labels", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        label_mode = self.label_word_ids is not None
-        class_index_labels = labels is not None and labels.dim() == 1
-        self._refuse_stray_labels(label_mode, class_labels, mask_positions, class_index_labels)
-        if not label_mode:
-            if num_items_in_batch is not None:
-                kwargs["num_items_in_batch"] = num_items_in_batch
-            return super().forward(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                **kwargs,
-            )
-        if class_index_labels:
-            class_labels, labels = (labels if class_labels is None else class_labels), None
-        multi_token = is_multi_token(self.label_word_ids)
-        if multi_token and labels is not None:
-            raise ValueError(
-                "causal-LM `labels` (batch, length) mark one label-word token; with multi-token label words pass the "
-                "class of each row instead (`class_labels`, or class-index `labels` of shape (batch,) as "
-                "VerbalizerDataCollator(causal=True) returns them)."
-            )
-        reference = input_ids if input_ids is not None else inputs_embeds
-        batch, length = reference.shape[:2]
-        new_tokens = None if attention_mask is None or attention_mask.dim() != 2 else attention_mask[:, -length:]
-        positions = last_prompt_positions(input_ids, new_tokens, labels, mask_positions, length, batch)
-        positions = positions.to(reference.device)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.setdefault("use_cache", False)
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-
-        if multi_token:
-            if cache is not None or inputs_embeds is not None or position_ids is not None:
-                raise ValueError(
-                    "multi-token label words are scored from `input_ids` and the model's own positions; drop "
-                    "`cache`/`past_key_values`, `inputs_embeds` and `position_ids` (or use single-token words)."
-                )
-            words = [[w] if isinstance(w, int) else w for w in self.label_word_ids]
-            forward_kwargs = {k: v for k, v in kwargs.items() if k != "use_cache"}
-
-            def run(**inputs):
-                return self._stock_forward(**inputs, **forward_kwargs)
-
-            logits = multi_token_scores(
-                run, input_ids, new_tokens, positions, words, share_prompt=self._accepts("position_ids")
-            )
-        else:
-            aligned = attention_mask is None and cache is None and position_ids is None
-            if cache is not None and position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-                # A KV cache before the rows (a peft prefix): keep the rows, count positions from their first token.
-                position_ids = positions_from_attention_mask(attention_mask)[:, -length:]
-            elif position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-                tensors, attention_mask, positions, aligned = _align(
-                    {"input_ids": input_ids, "inputs_embeds": inputs_embeds}, attention_mask, positions
-                )
-                input_ids, inputs_embeds = tensors["input_ids"], tensors["inputs_embeds"]
-            direct = inputs_embeds is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
-            depth = self._generic_depth(direct)
-            plan = self._shared_prefix_plan(input_ids, attention_mask, positions) if direct and not depth else None
-            label_words = self._label_word_tensor(reference.device)
-            with self._label_word_head(label_words), self._depth_cached(depth, input_ids, attention_mask):
-                if direct:
-                    logits = self._shared_or_unshared(input_ids, attention_mask, positions, plan, kwargs)
-                else:
-                    logits = self._stock_forward(
-                        input_ids=input_ids,
-                        attention_mask=attention_mask,
-                        position_ids=position_ids,
-                        inputs_embeds=inputs_embeds,
-                        logits_to_keep=positions[:, None],
-                        **kwargs,
-                    ).logits
-            logits = self._columns(logits[:, 0], label_words)
-        targets = None
-        if class_labels is not None:
-            targets = torch.as_tensor(class_labels, device=logits.device).reshape(-1).long()
-        elif labels is not None:  # causal-LM labels: the label word is the token after the prompt
-            label_words = self._label_word_tensor(logits.device)
-            targets = class_targets(label_words, positions + 1, labels, None)
-        loss = self._label_word_loss(logits, targets, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-
-class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
-    """A `transformers` masked LM with single-token label words through its stock forward.
-
-    The module that holds the output projection (RoBERTa's `lm_head`, BERT's `cls`, DistilBERT's `vocab_projector`)
-    gets each row's hidden state at the mask only (a pre-hook gathers its input): it is a per-position map, so the
-    rest of the sequence is not needed after the encoder.
-
-    Extra forward inputs: `mask_positions` (batch,) (default: where `labels` ≠ -100, else the mask token), and
-    `class_labels` (batch,) as a keyword (default: the class whose label word `labels` hold at the mask).
-    """
-
-    def _head_owner(self) -> nn.Module | None:
-        """The model's top-level child (outside the encoder) holding the output projection."""
-        decoder = self.get_output_embeddings()
-        base = self.base_model
-        for child in self.children():
-            if child is not base and any(m is decoder for m in child.modules()):
-                return child
-        return None
-
-    @contextlib.contextmanager
-    def _head_at(self, positions: torch.Tensor):
-        """Within the block the head sees (batch, 1, hidden): each row at its mask. Yields whether it did."""
-        owner = self._head_owner()
-        seen = []
-
-        def gather(module, args, kwargs):
-            hidden = args[0] if args else None
-            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3 or hidden.shape[0] != positions.shape[0]:
-                return None  # not the (batch, length, hidden) encoder output: leave the call alone
-            seen.append(True)
-            index = positions.to(hidden.device)[:, None, None].expand(-1, 1, hidden.shape[-1])
-            return (hidden.gather(1, index), *args[1:]), kwargs
-
-        handle = None if owner is None else owner.register_forward_pre_hook(gather, with_kwargs=True)
-        try:
-            yield lambda: bool(seen)
-        finally:
-            if handle is not None:
-                handle.remove()
-
-    @can_return_tuple
-    def forward(
-        self,
-        input_ids: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        mask_positions: torch.Tensor | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput:
-        r"""The stock masked-LM forward, or with label words: class logits (batch × classes) and the LM-BFF loss.
-
-        mask_positions (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            The mask position of each example. Default: where `labels` ≠ -100, else where `input_ids` is the mask.
-        class_labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*, keyword):
-            The class of each example. Default: the class whose label word `labels` holds at the mask.
-        """
-        class_labels = kwargs.pop("class_labels", None)
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        label_mode = self.label_word_ids is not None
-        self._refuse_stray_labels(label_mode, class_labels, mask_positions, False)
-        if not label_mode:
-            if num_items_in_batch is not None:
-                kwargs["num_items_in_batch"] = num_items_in_batch
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        positions = find_mask_positions(input_ids, labels, mask_positions, getattr(self.config, "mask_token_id", None))
-        reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        positions = positions.to(reference.device)
-        targets = class_targets(self._label_word_tensor(reference.device), positions, labels, class_labels)
-        row_tensors = ("token_type_ids", "inputs_embeds")
-        aligned = attention_mask is None and kwargs.get("position_ids") is None
-        if attention_mask is not None and attention_mask.dim() == 2 and kwargs.get("position_ids") is None:
-            tensors, attention_mask, positions, aligned = _align(
-                {"input_ids": input_ids, **{k: kwargs.get(k) for k in row_tensors}}, attention_mask, positions
-            )
-            input_ids = tensors.pop("input_ids")
-            kwargs.update({k: v for k, v in tensors.items() if v is not None})
-        direct = kwargs.get("inputs_embeds") is None and self._runs_direct(input_ids, attention_mask, aligned, kwargs)
-        label_words = self._label_word_tensor(reference.device)
-        depth = self._generic_depth(direct)
-        depth_cached = self._depth_cached(depth, input_ids, attention_mask, kwargs.get("token_type_ids"))
-        with self._label_word_head(label_words), depth_cached, self._head_at(positions) as gathered:
-            out = super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-        if gathered():
-            logits = out.logits[:, 0]
-        else:
-            rows = torch.arange(out.logits.shape[0], device=out.logits.device)
-            logits = out.logits[rows, positions.to(out.logits.device)]
-        logits = self._columns(logits, label_words)
-        loss = self._label_word_loss(logits, targets, num_items_in_batch)
-        return MaskedLMOutput(loss=loss, logits=logits, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -9,6 +9,9 @@ stock forward, so the cache works around it, with two hooks on the layers the ta
   duration: the last one returns the cached hidden states (batch, length, hidden), the ones below return their input
   untouched — nothing is computed in them. The embeddings and masks above still run (a lookup, cheap).
 
+A forward that fills the cache may share a prompt prefix (its two calls are merged back into rows); a served one
+runs unshared, over the top layers only.
+
 Why it is exact: the same as `depth_cache` (weights below the cut are the same in both ±εz passes and every step;
 the fingerprint of everything below the cut empties the cache on any change). Rows are left-aligned before the
 forward (`generic`), so a row's entry is its first n attended positions, which do not depend on trailing padding
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from .depth_cache import DepthCache, autocast_state
+from .shared_prefix import SharedPrefix
 
 _UNSUPPORTED = "unsupported"
 
@@ -72,19 +76,25 @@ def cached_frozen_layers(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     token_type_ids: torch.Tensor | None = None,
-) -> Iterator[None]:
-    """Around one stock forward of left-aligned rows: serve layers [0, depth) from `cache`, or fill it.
+    plan: SharedPrefix | None = None,
+) -> Iterator[bool]:
+    """Around the stock forward of left-aligned rows: serve layers [0, depth) from `cache`, or fill it. Yields
+    whether it serves; a served forward must be one call over the whole (batch, length) rows.
 
-    `owner` keeps the frozen layers' output format (`_depth_cache_template`) between forwards.
+    A filling forward may instead share a prefix (`plan`, `generic_shared_prefix`): its two calls, the prefix
+    (1, P) and the rows' own tokens (batch, S), are merged back into rows (`SharedPrefix.merge`) before they are
+    stored. (A served forward does not share: skipped layers would leave the KV cache without their entries, and
+    the cache's length is what the stock forward counts positions from.) `owner` keeps the frozen layers' output
+    format (`_depth_cache_template`) between forwards.
     """
     if getattr(owner, "_depth_cache_template", None) == _UNSUPPORTED:
-        yield
+        yield False
         return
     keys, counts = _row_keys(input_ids, attention_mask, token_type_ids)
     entries = [cache.get(key) for key in keys]
     frozen = list(layers[:depth])
+    batch, length = input_ids.shape
     if all(entry is not None for entry in entries):
-        batch, length = input_ids.shape
         hidden = entries[0].new_zeros((batch, length, entries[0].shape[-1]))
         for i, entry in enumerate(entries):
             hidden[i, : counts[i]] = entry
@@ -101,33 +111,39 @@ def cached_frozen_layers(
             layer.forward = skip
         frozen[-1].forward = serve
         try:
-            yield
+            yield True
         finally:
             for layer in frozen:
                 del layer.forward
         return
 
-    captured = {}
+    outputs = []
 
     def capture(module, args, output):
-        captured["output"] = output
+        outputs.append(output)
 
     handle = frozen[-1].register_forward_hook(capture)
     try:
-        yield
+        yield False
     finally:
         handle.remove()
-    output = captured.get("output")
-    if output is None:
+    if not outputs:
         return
-    template = _output_template(output)
+    template = _output_template(outputs[0])
     if getattr(owner, "_depth_cache_template", None) not in (None, template):
         template = _UNSUPPORTED  # layers that answer in different formats: never serve
     owner._depth_cache_template = template
     if template == _UNSUPPORTED:
         cache.clear()
         return
-    hidden = (output if template == "tensor" else output[0]).detach()
+    tensors = [(output if template == "tensor" else output[0]).detach() for output in outputs]
+    shapes = [tuple(t.shape[:2]) for t in tensors]
+    if shapes == [(batch, length)]:
+        hidden = tensors[0]
+    elif plan is not None and shapes == [(1, plan.length), (batch, plan.suffix_index.shape[1])]:
+        hidden = plan.merge(tensors[0], tensors[1], length)
+    else:
+        return  # calls this cache does not know how to read: store nothing
     for i, (key, entry) in enumerate(zip(keys, entries)):
         if entry is None:
             cache.put(key, hidden[i, : counts[i]].clone(), key_bytes=len(key[2]) + len(key[3]))
