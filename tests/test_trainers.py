@@ -392,3 +392,10 @@ def test_sft_example_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out completion-only loss: before" in out and "sample: " in out
     assert (tmp_path / "b" / "all_results.json").is_file()
+    # The model it trained is saved (before the fix only the metrics were), and it is the trained one.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert any(not torch.equal(saved[n], initial[n]) for n in initial)
+    assert (tmp_path / "b" / "tokenizer_config.json").is_file()
