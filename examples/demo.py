@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.modeling_outputs import SequenceClassifierOutput
+from transformers.utils import logging as hf_logging
 
 from hf_mezo import MeZOConfig, MeZOTrainer
 from hf_mezo.data import load_sst2
@@ -111,7 +112,8 @@ def last_token_states(model, tokenizer, sentences: list[str], batch_size: int = 
     order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     states = torch.empty(len(sentences), model.config.hidden_size)
     try:
-        for start in range(0, len(order), batch_size):
+        starts = range(0, len(order), batch_size)
+        for start in hf_logging.tqdm(starts, desc=f"Hidden states of {len(sentences)} prompts", unit="batch"):
             rows = order[start : start + batch_size]
             batch = tokenizer([sentences[i] for i in rows], return_tensors="pt", padding=True)
             model.model(**batch)
