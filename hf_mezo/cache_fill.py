@@ -28,7 +28,8 @@ def depth_cache_of(model: torch.nn.Module):
 def fill_depth_cache(trainer, dataset=None, desc: str = "Caching the frozen layers") -> int:
     """Forward `dataset` (default: the trainer's training set) once so the model's depth cache holds it.
 
-    Returns the number of examples forwarded (0 when the model has no enabled depth cache). Batches are
+    Returns the number of examples forwarded (0 when the model has no enabled depth cache, nothing frozen, or
+    `max_steps` ends training before it has seen every example, where a lazy fill costs less). Batches are
     the trainer's collator over `per_device_train_batch_size` rows; autocast is the trainer's, so the
     cache keys match those of the training forwards.
     """
@@ -36,6 +37,10 @@ def fill_depth_cache(trainer, dataset=None, desc: str = "Caching the frozen laye
     if cache is None or not cache.enabled or all(p.requires_grad for p in model.parameters()):
         return 0  # no cache, or nothing frozen to cache
     dataset = trainer.train_dataset if dataset is None else dataset
+    args = trainer.args
+    rows_trained = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
+    if 0 < rows_trained * args.world_size < len(dataset):
+        return 0  # training will not see every example: filling the whole set would cost more than it saves
     if trainer.args.remove_unused_columns and isinstance(dataset, datasets.Dataset):  # as the Trainer's loader
         dataset = trainer._remove_unused_columns(dataset, description="training")
     loader = DataLoader(dataset, batch_size=trainer.args.per_device_train_batch_size, collate_fn=trainer.data_collator)

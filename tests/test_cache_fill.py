@@ -42,3 +42,13 @@ def test_nothing_to_fill_without_frozen_layers(tmp_path):
     examples = [{key: value[0] for key, value in make_batch([i]).items()} for i in range(2)]
     trainer = MeZOTrainer(prompt, mezo_args(tmp_path), train_dataset=examples, data_collator=_collate)
     assert fill_depth_cache(trainer) == 0 and prompt.depth_cache.misses == 0
+
+
+def test_a_run_shorter_than_an_epoch_is_left_to_fill_lazily(tmp_path):
+    prompt, _ = make_models()
+    prompt.set_label_word_ids(LABEL_WORDS)
+    freeze_all_but_top_layers(prompt, 1)
+    examples = [{key: value[0] for key, value in make_batch([i]).items()} for i in range(len(POOL_LENGTHS))]
+    args = mezo_args(tmp_path, max_steps=1, per_device_train_batch_size=4)  # 4 of the 8 examples
+    trainer = MeZOTrainer(prompt, args, train_dataset=examples, data_collator=_collate)
+    assert fill_depth_cache(trainer) == 0 and prompt.depth_cache.misses == 0
