@@ -362,7 +362,7 @@ class MeZOMixin:
         """A parameter holding NaN/inf on any process (a collective when several run), or None."""
         name = first_non_finite(self.model.named_parameters())
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.gather(torch.tensor([name is not None], device=self.args.device))
+            flags = self.accelerator.gather(torch.tensor([int(name is not None)], device=self.args.device))
             if name is None and bool(flags.any()):
                 name = "(on another process)"
         return name
