@@ -31,6 +31,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
+from .buffers import BufferWatch
 from .config import zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
@@ -285,6 +286,7 @@ class MeZOMixin:
         if not self.accelerator.split_batches:
             refuse_uneven_last_batch(self.train_dataset, self.args, batch_size, self.accelerator.num_processes)
         check_training_labels(self.train_dataset, self.model, self.data_collator)
+        self._zo_buffer_watch = BufferWatch(self.model)  # compared after the first step (`buffers`)
         return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
@@ -382,6 +384,9 @@ class MeZOMixin:
         # After each optimizer step: a skipped (non-finite) step is accounted for before anything is logged or saved.
         losses_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
         self._zo_guard.after_step(self.state.global_step, losses_finite, self._non_finite_parameter)
+        if getattr(self, "_zo_buffer_watch", None) is not None:
+            self._zo_buffer_watch.warn_if_written()
+            self._zo_buffer_watch = None
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
