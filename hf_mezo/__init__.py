@@ -3,6 +3,7 @@
 from .adapters import MEZO_PAPER_SETTINGS, init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from .config import MeZOConfig, ZerothOrderArguments
 from .data import load_sst2
+from .divergence import NonFiniteTrainingError
 from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
     BertForPromptMaskedLM,
@@ -53,7 +54,7 @@ __all__ += [
     "prefix_config_for_mezo",
     "token_f1",
 ]
-__all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer"]
+__all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer", "NonFiniteTrainingError"]
 __all__ += ["MeZOSFTConfig", "MeZOSFTTrainer"]
 __version__ = "0.1.0"
 
