@@ -38,14 +38,25 @@ demo: $(STAMP)
 demo-mlm: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(BIN)/python examples/demo_mlm.py
 
+# Every benchmark, each writing its JSON (commit and machine recorded) into benchmarks/results/. Long: the
+# full set takes hours on 2 CPU cores. `make bench QUICK=1` smoke-runs every one with small sizes (minutes) and
+# writes into benchmarks/results/quick/ (git-ignored), never over a committed result.
+BENCH = HF_MEZO_BENCH_QUICK=$(if $(QUICK),1,) HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python benchmarks
+quick = $(if $(QUICK),$(1))
 bench: $(STAMP)
-	$(BIN)/python benchmarks/step_time.py
-	$(BIN)/python benchmarks/model_variant.py
-	$(BIN)/python benchmarks/distributed.py
-	$(BIN)/python benchmarks/memory.py
-	$(BIN)/python benchmarks/objective_zero_gradients.py
-	$(BIN)/python benchmarks/bf16_loss_resolution.py
-	$(BIN)/python benchmarks/bf16_coverage.py
+	$(BENCH)/step_time.py $(call quick,--batch 2 --seq 16 --repeats 1 --skip-memory)
+	$(BENCH)/model_variant.py $(call quick,--smoke)
+	$(BENCH)/direction_stream.py $(call quick,--repeats 1 --generator-numel 65536)
+	$(BENCH)/distributed.py $(call quick,--shapes tiny --steps 1 --warmup 0)
+	$(BENCH)/memory.py $(call quick,--shape base --batch 1 --seq 16)
+	$(BENCH)/bf16_coverage.py
+	$(BENCH)/bf16_loss_resolution.py $(call quick,--directions 2)
+	$(BENCH)/objective_zero_gradients.py $(call quick,--steps 5)
+	$(BENCH)/shared_prefix.py $(call quick,--smoke)
+	$(BENCH)/shared_prefix_smollm2.py $(call quick,--max_test_samples 16 --timed_rows 8 --step_repeats 1)
+	$(BENCH)/sft.py $(call quick,--max_steps 2 --num_train 8 --num_eval 4)
+	$(BENCH)/accuracy.py $(call quick,--ks 16 --seeds 42 --mezo_steps 20 --ft_steps 5)
+	$(BENCH)/seed_log.py
 
 quality: $(STAMP)
 	$(BIN)/ruff check hf_mezo tests examples benchmarks

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import statistics
 import sys
@@ -41,6 +40,9 @@ import demo  # noqa: E402  (examples/demo.py: the head, feature cache and traini
 from hf_mezo import MeZOConfig, MeZOTrainer  # noqa: E402
 from hf_mezo.data import load_sst2, shipped_kshot_splits  # noqa: E402
 from hf_mezo.models.gguf import load_gguf_model, load_gguf_tokenizer, smollm2_gguf_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 METHODS = ("zero_shot", "linear_probe", "ft", "mezo", "mezo_lora")
 
@@ -164,7 +166,7 @@ def main(argv=None) -> dict:
         "runs": {str(k): {str(s): r for s, r in v.items()} for k, v in runs.items()},
         "wall_s_total": time.perf_counter() - start,
     }
-    Path(args.output).write_text(json.dumps(output, indent=2))
+    write_results(args.output, output)
     print(f"wrote {args.output}")
     return output
 

@@ -22,7 +22,6 @@ Prints a table and writes benchmarks/results/bf16_coverage.json.
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -34,6 +33,9 @@ sys.path.insert(0, str(HERE.parent))
 
 from hf_mezo import ZerothOrderSGD  # noqa: E402
 from hf_mezo.optimizer import applied_direction  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 LAYERS, HIDDEN, FFN, VOCAB, POSITIONS = 24, 1024, 4096, 50265, 514
 EPSILONS = (1e-3, 1e-2)
@@ -98,7 +100,7 @@ def main() -> None:
         "command": "python benchmarks/bf16_coverage.py",
     }
     out = HERE / "results" / "bf16_coverage.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results(out, result)
     print(f"wrote {out.relative_to(HERE.parent)}")
 
 

@@ -1,6 +1,6 @@
 """bf16/fp16 weights: how often L₊ − L₋ rounds to 0, and how wrong g is, with and without float32 logits.
 
-On the demo's model (MiniLM-L6 from `examples/demo.py`, top 2 layers + head trainable) cast to bf16
+On the masked-LM demo's model (MiniLM-L6 from `examples/demo_mlm.py`, top 2 layers + head trainable) cast to bf16
 (and fp16), with either head — hf_mezo's label-word head (its loss is already float32 inside) or the
 stock `BertForMaskedLM` head (cross-entropy over the full vocabulary, in the weights' dtype) — for
 `--directions` MeZO directions z (ε = 1e-3), each on its own batch of 16 SST-2 k = 512 prompts,
@@ -24,13 +24,15 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
@@ -39,7 +41,7 @@ TRAIN_TOP_LAYERS = 2  # perturb two encoder layers and the head, so the forward'
 
 
 def demo_model_and_batches(directions: int, batch_size: int, head: str):
-    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_mlm", EXAMPLES / "demo_mlm.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     sys.path.insert(0, str(EXAMPLES))
@@ -144,7 +146,7 @@ def main() -> None:
     path = HERE / "results" / "bf16_loss_resolution.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report = {"directions": args.directions, "batch": args.batch, "eps": args.eps, "results": results}
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_results(path, report)
     print(f"\nwrote {path}")
 
 

@@ -21,11 +21,11 @@ Prints tables and writes benchmarks/results/direction_stream[_<shape>].json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +34,9 @@ import torch
 
 from hf_mezo import directions
 from hf_mezo.directions import ACCELERATOR_CHUNK_NUMEL, CHUNK_NUMEL, add_direction, chunks_per_pass, draw_direction
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 ROBERTA = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -267,7 +270,7 @@ def main() -> None:
         "direction_stream.json" if args.shape == "base" else f"direction_stream_{args.shape}.json"
     )
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"\nwrote {output}")
 
 

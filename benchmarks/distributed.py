@@ -41,6 +41,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHAPES = {
     "tiny": dict(vocab_size=100, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32),
@@ -316,7 +319,7 @@ def main() -> None:
     }
     output = options.output or Path(__file__).parent / "results" / "distributed.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"\nwrote {output}")
 
 

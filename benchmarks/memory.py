@@ -33,6 +33,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
+
 SHAPES = {
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -196,7 +199,7 @@ def main() -> None:
     name = "memory.json" if args.shape == "large" else f"memory_{args.shape}.json"
     path = Path(__file__).resolve().parent / "results" / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    path = write_results(path, report)
     print(f"\nwrote {path}")
 
 

@@ -40,7 +40,6 @@ Prints a table and writes benchmarks/results/model_variant.json (model_variant_s
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import statistics
@@ -58,6 +57,9 @@ from hf_mezo.models import LlamaForPromptCausalLM, RobertaForPromptMaskedLM, fre
 
 sys.path.insert(0, str(Path(__file__).parent))
 from step_time import ReferenceMeZO  # noqa: E402  (one reference implementation for all benchmarks)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 SHAPES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
@@ -417,7 +419,7 @@ def main() -> None:
     name = f"model_variant{'_generic' if args.generic else ''}{'_smoke' if args.smoke else ''}.json"
     output = Path(args.output) if args.output else Path(__file__).parent / "results" / name
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"\nwrote {output}")
 
 

@@ -1,7 +1,7 @@
-"""How often is MeZO's projected gradient exactly 0? Accuracy as the objective vs the cross-entropy, on the demo.
+"""How often is MeZO's projected gradient exactly 0? Accuracy as the objective vs the cross-entropy, on the MLM demo.
 
-Runs `examples/run_sst2.py` with the demo's configuration (`examples/demo.py`'s `DEMO_ARGS`: MiniLM-L6
-with the label-word head, SST-2 k = 512, batch 16; recorded in the JSON) for a few hundred steps with
+Runs `examples/run_sst2.py` with the masked-LM demo's configuration (`examples/demo_mlm.py`'s `DEMO_ARGS`:
+MiniLM-L6 with the label-word head, SST-2 k = 512, batch 64; recorded in the JSON) for a few hundred steps with
 `grad_norm` (= |g|) logged every step, once per objective:
 
   cross_entropy          the model's loss (the default), ε = 1e-3
@@ -28,6 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 EXAMPLES = HERE.parent / "examples"
 RUNS = (("cross_entropy", None, "1e-3"), ("negative_accuracy", "negative_accuracy", "1e-3"))
@@ -35,7 +38,7 @@ RUNS += (("negative_accuracy", "negative_accuracy", "1e-1"),)
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("demo", EXAMPLES / "demo.py")
+    spec = importlib.util.spec_from_file_location("demo_mlm", EXAMPLES / "demo_mlm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -81,7 +84,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as out:
             results.append({"objective": name, "zo_eps": float(eps), **run(objective, eps, args.steps, out)})
 
-    print(f"\nMeZO on the demo (MiniLM-L6, SST-2 k=512, batch 16), {args.steps} steps per run\n")
+    print(f"\nMeZO on the MLM demo (MiniLM-L6, SST-2 k=512, batch 64), {args.steps} steps per run\n")
     header = (
         f"{'objective':18s} {'ε':>6s} {'steps with g = 0':>17s} {'median |g| (g≠0)':>17s} {'loss first → last':>20s}"
     )
@@ -95,9 +98,7 @@ def main() -> None:
         )
     path = HERE / "results" / "objective_zero_gradients.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps({"steps": args.steps, "demo_args": _demo().DEMO_ARGS, "runs": results}, indent=2) + "\n"
-    )
+    path = write_results(path, {"steps": args.steps, "demo_args": _demo().DEMO_ARGS, "runs": results})
     print(f"\nwrote {path}")
 
 

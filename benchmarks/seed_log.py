@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 import tempfile
 import time
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from step_time import run_record  # noqa: E402  (commit + machine, one implementation)
+from recording import QUICK, write_results  # noqa: E402  (commit + machine, one implementation)
 
 from hf_mezo import MeZOConfig, MeZOTrainer, load_seed_log, replay_seed_log  # noqa: E402
 
@@ -116,6 +117,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results" / "seed_log.json")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    load = os.getloadavg()[0]  # above the core count: other jobs shared the machine
+    if QUICK:
+        args.steps, args.skip_large = 2, True
     rows = []
     with tempfile.TemporaryDirectory() as out:
         if not args.skip_smollm2:
@@ -130,9 +134,8 @@ def main() -> None:
             f"{r['run']:38}{r['method']:8}{r['steps']:>6}{r['bytes_per_step']:8.0f}{r['header_bytes']:>10}"
             f"{r['train_s']:9.1f}{r['replay_s']:9.2f}{r['replay_over_train']:7.3f}  {r['bit_identical']}"
         )
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"run": run_record(), "rows": rows}, indent=2))
-    print(f"wrote {args.output}")
+    output = write_results(args.output, {"load_average_1min": load, "rows": rows})
+    print(f"wrote {output}")
 
 
 if __name__ == "__main__":

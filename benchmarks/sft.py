@@ -32,6 +32,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TRAINERS = ("mezo", "adamw")
@@ -152,13 +155,9 @@ def main() -> None:
     print(
         f"AdamW / MeZO: time {ratios['time_adamw_over_mezo']:.2f}x, peak memory {ratios['peak_memory_adamw_over_mezo']:.2f}x"
     )
-    Path(options.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(options.output).write_text(
-        json.dumps(
-            {"machine": platform.platform(), "cpu": machine, "settings": vars(options), "rows": rows, **ratios},
-            indent=2,
-        )
-        + "\n"
+    write_results(
+        options.output,
+        {"machine": platform.platform(), "cpu": machine, "settings": vars(options), "rows": rows, **ratios},
     )
 
 

@@ -27,7 +27,6 @@ Prints a table and writes benchmarks/results/shared_prefix.json (shared_prefix_s
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
@@ -45,6 +44,9 @@ from hf_mezo.models import LlamaForPromptCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model_variant import CAUSAL_SHAPES, CAUSAL_VOCAB_SIZE, label_words, mezo_step, synchronize, trainable_optimizer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
 
 
 @dataclass
@@ -204,7 +206,7 @@ def main() -> None:
     name = "shared_prefix_smoke.json" if args.smoke else "shared_prefix.json"
     output = Path(args.output) if args.output else Path(__file__).parent / "results" / name
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"wrote {output}")
 
 

@@ -36,6 +36,7 @@ from hf_mezo.prompting.demonstrations import with_instruction
 
 sys.path.insert(0, str(Path(__file__).parent))
 from model_variant import mezo_step, trainable_optimizer  # noqa: E402
+from recording import write_results  # noqa: E402
 
 INSTRUCTION = "Classify the sentiment of the movie review as great or terrible."
 
@@ -126,7 +127,7 @@ def main() -> None:
         del model
     output = Path(args.output) if args.output else Path(__file__).parent / "results" / "shared_prefix_smollm2.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"wrote {output}")
 
 

@@ -42,6 +42,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+from recording import write_results  # noqa: E402
+
 SHAPES = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "large": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096),
@@ -234,7 +237,7 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
     }
 
-    results["run"] = run_record()
+    results["load_average_1min"] = os.getloadavg()[0]  # above the core count: other jobs shared the machine
     if args.skip_timing:
         del model
     else:
@@ -252,7 +255,7 @@ def main() -> None:
     )
     output = args.output or Path(__file__).parent / "results" / f"step_time{suffix}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(results, indent=2))
+    output = write_results(output, results)
     print(f"\nwrote {output}")
 
 
@@ -295,27 +298,6 @@ def time_steps(model, inputs, n_params: int, args, results: dict) -> None:
     for name, t, ratio, passes in rows:
         print(f"{name:24}{t:10.3f}{ratio:>10}{passes:>10}")
     print(f"reference / hf_mezo step time: {r / m:.2f}×")
-
-
-def run_record() -> dict:
-    """The commit (and whether the tree had uncommitted changes) and the machine a result was measured on."""
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*command: str) -> str:
-        try:
-            return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True).stdout.strip()
-        except OSError:
-            return ""
-
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0],  # > the cores: other jobs shared the machine
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-    }
 
 
 def time_methods(model, inputs, methods: list[str], repeats: int, results: dict, key: str, forward=None) -> None:

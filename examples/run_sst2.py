@@ -76,6 +76,7 @@ from transformers.training_args import ParallelMode
 
 from hf_mezo import MeZOConfig, MeZOTrainer
 from hf_mezo.adapters import init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
+from hf_mezo.cache_fill import fill_depth_cache
 from hf_mezo.data import load_sst2
 from hf_mezo.metrics import build_compute_metrics
 from hf_mezo.models import (
@@ -479,6 +480,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         trainer.save_metrics("zero_shot", zero_shot)
 
     if training_args.do_train:
+        fill_depth_cache(trainer)  # the frozen layers' outputs cached up front, with a progress bar (if any frozen)
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model()
         trainer.log_metrics("train", train_result.metrics)

@@ -145,9 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results = {"eval_loss_before": before, "eval_loss_after": after, "steps": trainer.state.global_step}
     if not all(math.isfinite(v) for v in (before, after)):
         raise RuntimeError(f"non-finite held-out loss: {results}")
-    if config.output_dir and trainer.is_world_process_zero():
-        Path(config.output_dir).mkdir(parents=True, exist_ok=True)
-        trainer.save_metrics("all", results)
+    if config.output_dir:
+        trainer.save_model()  # the tuned model and tokenizer in output_dir (every process: a collective under FSDP)
+        if trainer.is_world_process_zero():
+            Path(config.output_dir).mkdir(parents=True, exist_ok=True)
+            trainer.save_metrics("all", results)
     return results
 
 

@@ -3,6 +3,7 @@
 from .adapters import MEZO_PAPER_SETTINGS, init_prefix_from_tokens, lora_config_for_mezo, prefix_config_for_mezo
 from .config import MeZOConfig, ZerothOrderArguments
 from .data import load_sst2
+from .divergence import NonFiniteTrainingError
 from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
     AutoModelForPromptCausalLM,
@@ -59,7 +60,7 @@ __all__ += [
     "token_f1",
 ]
 __all__ += ["SeedLogError", "load_seed_log", "replay_seed_log", "write_seed_log_dir"]
-__all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer"]
+__all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer", "NonFiniteTrainingError"]
 __all__ += ["MeZOSFTConfig", "MeZOSFTTrainer"]
 __version__ = "0.1.0"
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from torch import nn
 
-IGNORE_INDEX = -100
+from .label_words import IGNORE_INDEX
+
 LABEL_COLUMNS = ("labels", "label", "label_ids")
 
 

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
-logger = logging.get_logger(__name__)
+from .label_words import IGNORE_INDEX
 
-IGNORE_INDEX = -100  # the label that no loss in transformers counts
+logger = logging.get_logger(__name__)
 
 
 def shift_is_known(model: nn.Module) -> bool:

@@ -42,9 +42,9 @@ from typing import Any
 import torch
 from torch import nn
 
-Objective = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
+from .label_words import IGNORE_INDEX, label_word_classes
 
-IGNORE_INDEX = -100
+Objective = Callable[[nn.Module, dict[str, Any]], torch.Tensor]
 
 
 def predictions_and_targets(
@@ -73,14 +73,7 @@ def predictions_and_targets(
     logits, labels = logits[keep], labels[keep]
     if label_word_ids is not None:
         words = torch.as_tensor(list(label_word_ids), device=labels.device)
-        logits = logits[:, words]
-        matches = labels[:, None] == words[None, :]
-        if not bool(matches.any(dim=1).all()):
-            raise ValueError(
-                f"some labelled tokens are not among label_word_ids {words.tolist()}: the batch's labels must hold "
-                "the label word of each example."
-            )
-        labels = matches.int().argmax(dim=1)
+        logits, labels = logits[:, words], label_word_classes(labels, words)
     return logits.argmax(dim=-1), labels
 
 

@@ -113,6 +113,14 @@ def refuse_unsupported_options(args: TrainingArguments) -> None:
             "Adam/Adafactor/...). Leave `optim` at its default; learning_rate, weight_decay and the LR schedule are "
             "honoured, and a custom ZerothOrderSGD can be passed as MeZOTrainer(optimizers=(optimizer, None))."
         )
+    adam = [
+        n for n in ("adam_beta1", "adam_beta2", "adam_epsilon") if getattr(args, n, None) != _field_default(args, n)
+    ]
+    if adam:
+        raise ValueError(
+            f"{', '.join(f'{n}={getattr(args, n)!r}' for n in adam)}: these configure AdamW, which MeZO does not run (its optimizer is hf_mezo.ZerothOrderSGD, "
+            "without moments). Leave them at their defaults; the zo_* fields configure MeZO's step."
+        )
     if getattr(args, "optim_args", None) is not None:
         raise ValueError(
             f"optim_args={args.optim_args!r}: MeZO's ZerothOrderSGD takes no optimizer arguments from the Trainer. Unset "

@@ -39,6 +39,7 @@ from torch import nn
 from transformers.utils import is_peft_available
 
 from .config import ZerothOrderArguments
+from .label_words import IGNORE_INDEX
 from .trainer import MeZOMixin
 
 try:
@@ -85,7 +86,7 @@ def scope_fused_lm_head(module: nn.Module) -> None:
                 self, *args, labels=labels, shift_labels=shift_labels, num_items_in_batch=num_items_in_batch, **kwargs
             )
         targets = labels[:, 1:] if shift_labels is None else shift_labels  # logits[:, t] predicts targets[:, t]
-        mask = targets != -100
+        mask = targets != IGNORE_INDEX
         positions = mask.any(0).nonzero().flatten()  # logits only where some row has a target
         kwargs["use_cache"] = False
         outputs = model_forward(self, *args, logits_to_keep=positions, **kwargs)

@@ -32,6 +32,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
+from .buffers import BufferWatch
 from .config import method_knobs, zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
@@ -302,6 +303,7 @@ class MeZOMixin:
         if not self.accelerator.split_batches:
             refuse_uneven_last_batch(self.train_dataset, self.args, batch_size, self.accelerator.num_processes)
         check_training_labels(self.train_dataset, self.model, self.data_collator)
+        self._zo_buffer_watch = BufferWatch(self.model)  # compared after the first step (`buffers`)
         return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
@@ -396,7 +398,7 @@ class MeZOMixin:
         """A parameter holding NaN/inf on any process (a collective when several run), or None."""
         name = first_non_finite(self.model.named_parameters())
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.gather(torch.tensor([name is not None], device=self.args.device))
+            flags = self.accelerator.gather(torch.tensor([int(name is not None)], device=self.args.device))
             if name is None and bool(flags.any()):
                 name = "(on another process)"
         return name
@@ -416,6 +418,9 @@ class MeZOMixin:
         # After each optimizer step: a skipped (non-finite) step is accounted for before anything is logged or saved.
         losses_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
         self._zo_guard.after_step(self.state.global_step, losses_finite, self._non_finite_parameter)
+        if getattr(self, "_zo_buffer_watch", None) is not None:
+            self._zo_buffer_watch.warn_if_written()
+            self._zo_buffer_watch = None
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:

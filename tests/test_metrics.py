@@ -102,7 +102,7 @@ def test_compute_metrics_rejects_labels_it_cannot_read():
         compute_metrics(EvalPrediction(logits, two_marked))
     other_word = labels.copy()
     other_word[0, positions[0]] = 5
-    with pytest.raises(ValueError, match=r"token ids \[5\], which are not label words \[7, 31\]"):
+    with pytest.raises(ValueError, match=r"token ids \[5\] at the mask, which are not label words \[7, 31\]"):
         compute_metrics(EvalPrediction(logits, other_word))
     with pytest.raises(ValueError, match="at least 2 distinct token ids"):
         build_compute_metrics([7, 7])

@@ -47,7 +47,7 @@ def test_label_words_turn_masked_lm_logits_into_class_predictions():
     inputs = {"labels": labels}
     assert float(negative_accuracy(FixedLogits(logits), inputs)) == -0.0  # full-vocabulary argmax: 5, 10
     assert float(negative_accuracy(FixedLogits(logits), inputs, label_word_ids=LABEL_WORDS)) == -0.5
-    with pytest.raises(ValueError, match="label_word_ids"):
+    with pytest.raises(ValueError, match=r"token ids \[7\] at the mask, which are not label words \[10, 11\]"):
         negative_accuracy(
             FixedLogits(logits), {"labels": labels.masked_fill(labels == 11, 7)}, label_word_ids=LABEL_WORDS
         )

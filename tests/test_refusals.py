@@ -177,3 +177,34 @@ def test_the_model_card_names_mezo_and_its_settings_not_adamw(tmp_path):
     for tag in ("- mezo", "- zeroth-order", "- mine"):
         assert tag in card
     assert "- lr_scheduler_type: constant" in card  # the rest of the Trainer's card is kept
+
+
+class _CountingForward(nn.Module):
+    """A classifier whose forward counts its calls in a buffer, in any mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(100, 8)
+        self.head = nn.Linear(8, 2)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, input_ids, labels=None):
+        self.calls += 1
+        logits = self.head(self.embed(input_ids).mean(dim=1))
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+def test_a_buffer_the_forward_writes_is_named_once_after_the_first_step(tmp_path, caplog):
+    model = _CountingForward()
+    with caplog.at_level(logging.WARNING, logger="hf_mezo"):
+        MeZOTrainer(model, mezo_args(tmp_path, max_steps=3), train_dataset=classification_dataset()).train()
+    warnings = [r.getMessage() for r in caplog.records if "changed the buffer" in r.getMessage()]
+    assert len(warnings) == 1 and "'calls'" in warnings[0] and "twice per micro-batch" in warnings[0]
+    assert int(model.calls) == 2 * 3  # hand count: two passes a step, three steps (the stock Trainer: 3)
+
+
+def test_no_buffer_warning_for_a_model_whose_forward_writes_none(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_mezo"):
+        MeZOTrainer(_classifier(), mezo_args(tmp_path, max_steps=2), train_dataset=classification_dataset()).train()
+    assert not [r for r in caplog.records if "changed the buffer" in r.getMessage()]

@@ -30,6 +30,8 @@ def _plain_args(tmp_path, **overrides):
         ("optim", "adafactor", "Leave `optim` at its default"),
         ("optim_args", "beta1=0.9", "zo_\\* fields"),
         ("max_grad_norm", 0.5, "max_grad_norm=0"),
+        ("adam_beta1", 0.8, "Leave them at their defaults"),
+        ("adam_epsilon", 1e-6, "Leave them at their defaults"),
     ],
 )
 def test_options_mezo_cannot_honour_are_refused(tmp_path, option, value, alternative):

@@ -231,6 +231,24 @@ def test_sft_gradient_accumulation_equals_the_big_batch_under_token_count_normal
     assert small_log["loss"] == pytest.approx(big_log["loss"], rel=1e-6)
 
 
+def test_sft_gpt2_plain_language_modelling_under_accumulation_is_the_mean_token_loss(tmp_path):
+    # Every token a target (labels = input_ids): GPT-2 leaves loss_type unset, so the Trainer counted position 0 of
+    # every row in num_items_in_batch, which SFTTrainer divides by; g was off by that ratio (15.8% in the report).
+    from hf_mezo import MeZOSFTTrainer
+
+    rows = _prompt_completion_rows()
+    rows = rows.map(lambda row: {"completion_mask": [1] * len(row["input_ids"])})
+    model, eta = _tiny_causal_lm(), 1e-3
+    args = _sft_args(tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    trainer = MeZOSFTTrainer(model=model, args=args, train_dataset=rows, processing_class=_tokenizer())
+    z = directions(trainer)
+    expected = directional_derivative(model, lambda m: _hand_completion_loss(m, rows), z)
+    before = snapshot(model)
+    trainer.train()
+    g = implied_g(model, before, z, eta)
+    assert abs(g - expected) <= 1e-6 * abs(expected), (g, expected)
+
+
 def test_sft_resume_is_bit_identical(tmp_path):
     from hf_mezo import MeZOSFTTrainer
 
@@ -392,3 +410,10 @@ def test_sft_example_end_to_end_on_a_tiny_model(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "held-out completion-only loss: before" in out and "sample: " in out
     assert (tmp_path / "b" / "all_results.json").is_file()
+    # The model it trained is saved (before the fix only the metrics were), and it is the trained one.
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    initial = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    assert any(not torch.equal(saved[n], initial[n]) for n in initial)
+    assert (tmp_path / "b" / "tokenizer_config.json").is_file()

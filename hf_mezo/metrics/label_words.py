@@ -24,8 +24,9 @@ import numpy as np
 import torch
 from transformers import EvalPrediction
 
+from ..label_words import label_word_classes, labelled_positions
+
 SST2_METRIC_PATH = Path(__file__).resolve().parent / "sst2"
-IGNORE_INDEX = -100
 
 
 def load_sst2_metric(**kwargs: Any):
@@ -67,17 +68,7 @@ def _split_labels(label_ids: Any) -> tuple[Any, Any]:
 
 def mask_positions_from_labels(mlm_labels: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Per row, the one position whose MLM label is not -100 (the collator labels only the mask)."""
-    labelled = mlm_labels != IGNORE_INDEX
-    counts = labelled.sum(-1)
-    counts = counts.cpu().numpy() if isinstance(counts, torch.Tensor) else np.asarray(counts)
-    bad_rows = np.flatnonzero(counts != 1)
-    if bad_rows.size:
-        rows = [int(r) for r in bad_rows[:5]]
-        raise ValueError(
-            f"MLM labels must mark exactly one position per row (the mask); rows {rows} mark "
-            f"{[int(counts[r]) for r in rows]} positions. Were they built by VerbalizerDataCollator?"
-        )
-    return (labelled * 1).argmax(-1)  # first (only) labelled position; `* 1` because bool has no argmax
+    return labelled_positions(mlm_labels)
 
 
 def class_indices(label_ids: Any, label_word_ids: Sequence[int]) -> np.ndarray:
@@ -89,11 +80,7 @@ def class_indices(label_ids: Any, label_word_ids: Sequence[int]) -> np.ndarray:
         raise ValueError("no labels to score against: expected MLM labels (batch, seq) or class labels (batch,).")
     mlm_labels = np.asarray(mlm_labels)
     words = mlm_labels[np.arange(len(mlm_labels)), mask_positions_from_labels(mlm_labels)]
-    lookup = {token_id: i for i, token_id in enumerate(label_word_ids)}
-    unknown = sorted({int(w) for w in words if int(w) not in lookup})
-    if unknown:
-        raise ValueError(f"MLM labels hold token ids {unknown}, which are not label words {list(label_word_ids)}.")
-    return np.array([lookup[int(w)] for w in words], dtype=np.int64)
+    return label_word_classes(words, label_word_ids)
 
 
 def label_word_logits(logits: Any, labels: Any, label_word_ids: Sequence[int]) -> Any:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-IGNORE_INDEX = -100  # the MLM "no target here" value, as in `transformers` and the data collators
+from ..label_words import IGNORE_INDEX
 
 
 class LabelWordDecoder(nn.Linear):
@@ -112,71 +112,6 @@ def validate_label_word_ids(
 def is_multi_token(label_word_ids: Sequence[int | Sequence[int]] | None) -> bool:
     """Whether some class's label word is several tokens."""
     return label_word_ids is not None and any(not isinstance(e, int) for e in label_word_ids)
-
-
-def find_mask_positions(
-    input_ids: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    mask_positions: torch.Tensor | None,
-    mask_token_id: int | None,
-) -> torch.Tensor:
-    """The mask position of each example, (batch,): given, else where `labels` ≠ -100, else the mask token.
-
-    Exactly one mask per example is required: the label-word head scores one position per example.
-    """
-    if mask_positions is not None:
-        positions = torch.as_tensor(mask_positions).reshape(-1).long()
-        reference = labels if labels is not None else input_ids
-        if reference is not None:
-            batch, length = reference.shape[:2]
-            if positions.numel() != batch or not bool(((positions >= 0) & (positions < length)).all()):
-                raise ValueError(
-                    f"mask_positions must hold one position in [0, {length}) per example ({batch}), got {positions.tolist()}."
-                )
-        return positions
-    if labels is not None:
-        where, source = labels.ne(IGNORE_INDEX), "labels ≠ -100"
-    elif input_ids is not None and mask_token_id is not None:
-        where, source = input_ids.eq(mask_token_id), f"input_ids == mask_token_id ({mask_token_id})"
-    else:
-        raise ValueError(
-            "The label-word head needs the mask position of each example: pass `mask_positions`, or MLM-style "
-            "`labels` (-100 except the label word at the mask), or set the model's mask_token_id "
-            "(`model.set_label_word_ids(ids, mask_token_id=tokenizer.mask_token_id)`)."
-        )
-    counts = where.sum(dim=1)
-    if not bool((counts == 1).all()):
-        raise ValueError(
-            f"The label-word head needs exactly one mask per example, found {counts.tolist()} positions with "
-            f"{source}. Pass `mask_positions` to choose one per example."
-        )
-    return where.long().argmax(dim=1)
-
-
-def class_targets(
-    label_word_ids: torch.Tensor,
-    mask_positions: torch.Tensor,
-    labels: torch.Tensor | None,
-    class_labels: torch.Tensor | None,
-) -> torch.Tensor | None:
-    """Class index per example: `class_labels`, else the label word that `labels` holds at the mask.
-
-    Examples whose MLM label at the mask is -100 get target -100 (ignored by the loss).
-    """
-    if class_labels is not None:
-        return torch.as_tensor(class_labels, device=label_word_ids.device).reshape(-1).long()
-    if labels is None:
-        return None
-    words = labels[torch.arange(labels.shape[0], device=labels.device), mask_positions.to(labels.device)]
-    words = words.to(label_word_ids.device)
-    matches = words.unsqueeze(1).eq(label_word_ids.unsqueeze(0))
-    unknown = ~matches.any(dim=1) & words.ne(IGNORE_INDEX)
-    if bool(unknown.any()):
-        raise ValueError(
-            f"labels hold token ids {words[unknown].tolist()} at the mask, which are not label words "
-            f"{label_word_ids.tolist()}; pass `class_labels`, or fix the verbalizer's label words."
-        )
-    return torch.where(words.eq(IGNORE_INDEX), IGNORE_INDEX, matches.long().argmax(dim=1))
 
 
 def label_word_loss(

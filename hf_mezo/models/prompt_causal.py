@@ -35,8 +35,8 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.utils.generic import can_return_tuple
 
+from ..label_words import IGNORE_INDEX, class_targets
 from .depth_cache import cached_frozen_stack
-from .label_words import IGNORE_INDEX, class_targets
 from .prompt_lm import PromptLMMixin, gathers_parameters
 from .shared_prefix import SharedPrefixMixin
 

@@ -25,9 +25,9 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils.generic import can_return_tuple
 
+from ..label_words import class_targets, find_mask_positions
 from .depth_cache import cached_frozen_stack
 from .freezing import encoder_layers
-from .label_words import class_targets, find_mask_positions
 from .prompt_lm import PromptLMMixin, gathers_parameters
 
 
