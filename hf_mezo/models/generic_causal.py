@@ -12,9 +12,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
+from ..label_words import class_targets
 from .generic import GenericPromptLMMixin, align_rows
 from .generic_shared_prefix import shared_prefix_forward
-from .label_words import class_targets, is_multi_token
+from .label_words import is_multi_token
 from .multi_token import multi_token_scores
 from .prompt_causal import last_prompt_positions, positions_from_attention_mask
 from .prompt_lm import _drops_layers, _drops_out, gathers_parameters

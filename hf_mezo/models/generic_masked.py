@@ -13,8 +13,8 @@ from torch import nn
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.utils.generic import can_return_tuple
 
+from ..label_words import class_targets, find_mask_positions
 from .generic import GenericPromptLMMixin, align_rows
-from .label_words import class_targets, find_mask_positions
 
 
 class GenericPromptMaskedLMMixin(GenericPromptLMMixin):
