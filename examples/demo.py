@@ -42,7 +42,7 @@ from pathlib import Path
 import psutil
 import torch
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainerCallback, TrainingArguments
 
 from hf_mezo import (
     CausalPromptTemplate,
@@ -297,6 +297,7 @@ def train(setup: PromptSetup, model, args, train_rows, curve_batches, test_batch
         trainer = trainer_class(
             model=model, args=args, train_dataset=train_rows, data_collator=setup.collator, callbacks=[curve]
         )
+        trainer.remove_callback(PrinterCallback)  # the losses go to results.json, not to the terminal
         trainer.train()
         seconds = time.perf_counter() - start
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
