@@ -15,8 +15,15 @@ inference, a MeZO step, and a `Trainer`-style AdamW step (forward + backward + A
     python benchmarks/step_time.py                 # roberta-base shape, 16×64
     python benchmarks/step_time.py --shape large   # roberta-large shape
     python benchmarks/step_time.py --distribution rademacher --skip-memory   # z = ±1
+    python benchmarks/step_time.py --methods mezo fzoo lozo zo_muon --cached-smollm2 --skip-memory \
+        --output benchmarks/results/step_time_methods.json   # every zo_method, and SmolLM2 cached rows
 
-Prints a table and writes benchmarks/results/step_time[_<shape>].json.
+With `--methods`, each zeroth-order method's step (`MeZOConfig(zo_method=...)`) is timed in the same
+interleaved run, as a multiple of its own forwards (2 for two-point methods, probes + 1 for one-sided
+ones). `--cached-smollm2` adds the same rows on a SmolLM2-135M-shaped `LlamaForPromptCausalLM` with the top
+8 of 30 layers trainable and the depth cache warm (cached forward vs each method's cached step).
+
+Prints a table and writes benchmarks/results/step_time[_<shape>].json (with the commit and the machine).
 """
 
 from __future__ import annotations
@@ -59,7 +66,7 @@ def batch(batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def mezo_trainer(model, output_dir: str, distribution: str = "gaussian"):
+def mezo_trainer(model, output_dir: str, distribution: str | None = "gaussian", method: str = "mezo"):
     from hf_mezo import MeZOConfig, MeZOTrainer
 
     args = MeZOConfig(
@@ -69,6 +76,7 @@ def mezo_trainer(model, output_dir: str, distribution: str = "gaussian"):
         learning_rate=1e-6,
         disable_tqdm=True,
         zo_distribution=distribution,
+        zo_method=method,
     )
     trainer = MeZOTrainer(model=model, args=args)
     trainer.create_optimizer()
@@ -208,6 +216,8 @@ def main() -> None:
     parser.add_argument("--skip-timing", action="store_true", help="only the memory comparison")
     parser.add_argument("--memory-worker", choices=["inference", "mezo", "adamw"], help=argparse.SUPPRESS)
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--methods", nargs="*", default=[], help="zo_method steps to time beside plain MeZO")
+    parser.add_argument("--cached-smollm2", action="store_true", help="SmolLM2-shaped top-8 cached rows per method")
     args = parser.parse_args()
     if args.memory_worker:
         memory_worker(args.memory_worker, args.shape, args.batch, args.seq)
@@ -224,10 +234,17 @@ def main() -> None:
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads",
     }
 
+    results["run"] = run_record()
     if args.skip_timing:
         del model
     else:
         time_steps(model, inputs, n_params, args, results)
+        if args.methods:
+            time_methods(model, inputs, args.methods, args.repeats, results, "methods")
+            time_batched_probes(model, args, results)
+    del model
+    if args.cached_smollm2:
+        time_cached_smollm2(args, results)
     if not args.skip_memory:
         measure_all_memory(args, results)
     suffix = ("" if args.shape == "base" else f"_{args.shape}") + (
@@ -278,6 +295,105 @@ def time_steps(model, inputs, n_params: int, args, results: dict) -> None:
     for name, t, ratio, passes in rows:
         print(f"{name:24}{t:10.3f}{ratio:>10}{passes:>10}")
     print(f"reference / hf_mezo step time: {r / m:.2f}×")
+
+
+def run_record() -> dict:
+    """The commit (and whether the tree had uncommitted changes) and the machine a result was measured on."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*command: str) -> str:
+        try:
+            return subprocess.run(["git", *command], cwd=root, capture_output=True, text=True).stdout.strip()
+        except OSError:
+            return ""
+
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def time_methods(model, inputs, methods: list[str], repeats: int, results: dict, key: str, forward=None) -> None:
+    """Each method's step, interleaved with the forward, as a multiple of its own forwards."""
+    from hf_mezo.methods import METHODS
+
+    forward = forward or (lambda: model(**inputs))
+
+    def no_grad_forward() -> None:
+        with torch.no_grad():
+            forward()
+
+    with tempfile.TemporaryDirectory() as out:
+        trainers = {name: mezo_trainer(model, f"{out}/{name}", None, name) for name in methods}
+        variants = {"forward": no_grad_forward} | {
+            name: (lambda t=trainer: mezo_step(t, inputs)) for name, trainer in trainers.items()
+        }
+        times = interleaved(variants, repeats)
+    f = min(times["forward"])
+    rows = {}
+    for name in methods:
+        forwards = METHODS[name].forwards_per_step
+        step = min(times[name])
+        rows[name] = {
+            "forwards_per_step": forwards,
+            "step_s": step,
+            "step_s_median": statistics.median(times[name]),
+            "step_over_its_forwards": step / (forwards * f),
+            "step_over_two_forwards": step / (2 * f),
+        }
+    results[key] = {"forward_s": f, "forward_s_median": statistics.median(times["forward"]), "steps": rows}
+    print(f"\n{key}: forward {f:.3f} s (min of {repeats}, interleaved)")
+    print(f"{'method':10}{'forwards':>10}{'step s':>10}{'× its fwd':>11}{'× 2 fwd':>10}")
+    for name, row in rows.items():
+        print(
+            f"{name:10}{row['forwards_per_step']:>10}{row['step_s']:10.3f}{row['step_over_its_forwards']:11.2f}"
+            f"{row['step_over_two_forwards']:10.2f}"
+        )
+
+
+def time_batched_probes(model, args, results: dict, probes: int = 4) -> None:
+    """What evaluating `probes` one-sided probes in one forward of probes × the rows could save on this machine:
+    a forward of 4B rows against 4 forwards of B rows (interleaved). Near 1, batching probes cannot pay."""
+    small, large = batch(args.batch, args.seq), batch(probes * args.batch, args.seq)
+
+    def run(inputs) -> None:
+        with torch.no_grad():
+            model(**inputs)
+
+    times = interleaved({"one": lambda: run(small), "batched": lambda: run(large)}, args.repeats)
+    ratio = min(times["batched"]) / (probes * min(times["one"]))
+    results["batched_probes"] = {"probes": probes, "forward_b_s": min(times["one"]), "forward_4b_s": min(times["batched"]), "batched_over_separate": ratio}  # fmt: skip
+    print(f"\none forward of {probes}×{args.batch} rows / {probes} forwards of {args.batch} rows: {ratio:.2f}")
+
+
+def time_cached_smollm2(args, results: dict) -> None:
+    """SmolLM2-135M shape, label-word head, top 8 of 30 layers trainable, depth cache warm."""
+    from transformers import LlamaConfig
+
+    from hf_mezo.models import LlamaForPromptCausalLM, freeze_all_but_top_layers
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        intermediate_size=1536, max_position_embeddings=2048, tie_word_embeddings=True,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForPromptCausalLM(config, label_word_ids=[13321, 1109]).eval()
+    freeze_all_but_top_layers(model, 8)
+    model.depth_cache.resize(1 << 34)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 49152, (args.batch, args.seq), generator=g)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(args.batch) % 2}
+    with torch.no_grad():
+        model(**inputs)  # fills the cache: every later pass starts at layer 22
+    methods = args.methods or ["mezo"]
+    time_methods(model, inputs, methods, args.repeats, results, "smollm2_top8_cached")
+    results["smollm2_top8_cached"]["trainable_parameters"] = sum(
+        p.numel() for p in model.parameters() if p.requires_grad
+    )
 
 
 def measure_all_memory(args, results: dict) -> None:

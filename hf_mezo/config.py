@@ -14,15 +14,20 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .methods import METHODS, resolve_method
 from .objectives import OBJECTIVES
 
 ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
 
 # What a plain `TrainingArguments` gets when handed to `MeZOTrainer`: the paper's defaults.
 ZO_DEFAULTS: dict[str, Any] = {
+    "zo_method": "mezo",
     "zo_eps": 1e-3,
-    "zo_num_directions": 1,
-    "zo_distribution": "gaussian",
+    "zo_num_directions": None,
+    "zo_distribution": None,
+    "zo_rank": None,
+    "zo_refresh_interval": None,
+    "zo_momentum": None,
     "zo_seed": None,
     "zo_stochastic_rounding": True,
     "zo_train_top_layers": None,
@@ -38,12 +43,21 @@ def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> Non
         raise ValueError(
             f"zo_eps must be a positive number (the perturbation scale ε), got {eps!r}; the paper uses 1e-3."
         )
+    if settings["zo_method"] not in METHODS:
+        raise ValueError(
+            f"zo_method must be one of {sorted(METHODS)}, got {settings['zo_method']!r} "
+            "(hf_mezo.methods.register_method adds one)."
+        )
     n = settings["zo_num_directions"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError(f"zo_num_directions must be an integer ≥ 1 (directions per step), got {n!r}.")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"zo_num_directions must be None (the method's default) or an integer ≥ 1, got {n!r}.")
     distribution = settings["zo_distribution"]
-    if distribution not in ZO_DISTRIBUTIONS:
-        raise ValueError(f"zo_distribution must be one of {ZO_DISTRIBUTIONS}, got {distribution!r}.")
+    if distribution is not None and distribution not in ZO_DISTRIBUTIONS:
+        raise ValueError(
+            f"zo_distribution must be None (the method's default) or one of {ZO_DISTRIBUTIONS}, got {distribution!r}."
+        )
+    resolve_method(settings["zo_method"], **method_knobs(settings))  # the knobs must fit the method
+
     seed = settings["zo_seed"]
     if seed is not None and (not isinstance(seed, int) or seed < 0):
         raise ValueError(f"zo_seed must be a non-negative integer or None (use `seed`), got {seed!r}.")
@@ -62,6 +76,17 @@ def validate_zo_settings(settings: dict[str, Any], *, fp16: bool = False) -> Non
             "GradScaler has no gradients to unscale. Use bf16=True for autocast, or load the model with "
             "dtype=torch.float16 / torch.bfloat16 to train in half precision."
         )
+
+
+def method_knobs(settings: dict[str, Any]) -> dict[str, Any]:
+    """The method's knobs among the zo_* settings, by `ZerothOrderSGD`'s argument names (None: the method's)."""
+    return {
+        "num_directions": settings["zo_num_directions"],
+        "distribution": settings["zo_distribution"],
+        "rank": settings["zo_rank"],
+        "refresh_interval": settings["zo_refresh_interval"],
+        "momentum": settings["zo_momentum"],
+    }
 
 
 def _field_default(args: TrainingArguments, name: str) -> Any:
@@ -126,24 +151,54 @@ class ZerothOrderArguments:
     `learning_rate`, `weight_decay`, the LR schedule and checkpointing are the Trainer's own.
     """
 
+    zo_method: str = field(
+        default="mezo",
+        metadata={
+            "help": "Zeroth-order method: 'mezo' (two-point estimate along full Gaussian z, SGD; the paper), 'fzoo' "
+            "(4 one-sided Rademacher probes around one unperturbed loss, normalised by their loss spread), 'lozo' "
+            "(low-rank directions s·U·Vᵀ per matrix, V kept 50 steps; with zo_momentum > 0: LOZO-M), 'zo_muon' "
+            "(4 one-sided probes in an orthonormal rank-8 subspace per matrix re-drawn every 100 steps, "
+            "orthogonalised update). See hf_mezo.methods and the README's methods section."
+        },
+    )
     zo_eps: float = field(
         default=1e-3,
         metadata={
             "help": "Perturbation scale ε of the two-point estimate. 1e-3 is the MeZO paper's value for full tuning."
         },
     )
-    zo_num_directions: int = field(
-        default=1,
+    zo_num_directions: int | None = field(
+        default=None,
         metadata={
-            "help": "n-SPSA: seeded directions per optimizer step, their projected gradients averaged. Each costs "
-            "two forward passes; the paper uses 1."
+            "help": "Probes (directions) per optimizer step; None: the method's default (mezo 1, fzoo 4, lozo 1, "
+            "zo_muon 4). A two-point probe costs two forwards, a one-sided one one forward plus the shared "
+            "unperturbed pass."
         },
     )
-    zo_distribution: str = field(
-        default="gaussian",
+    zo_distribution: str | None = field(
+        default=None,
         metadata={
-            "help": "Distribution of z: 'gaussian' (N(0, I), as in the paper) or 'rademacher' (±1, cheaper to draw, "
-            "same E[zzᵀ] = I)."
+            "help": "Distribution of full directions: 'gaussian' (N(0, I), as in the paper) or 'rademacher' (±1, cheaper "
+            "to draw, same E[zzᵀ] = I). None: the method's default (fzoo: rademacher, others gaussian). For lozo / "
+            "zo_muon it applies to the parameters that are not factored (biases, norms)."
+        },
+    )
+    zo_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "Rank r of factored directions (lozo: 2, zo_muon: 8 when None). Matrices with min(m, n) ≤ r get full directions."
+        },
+    )
+    zo_refresh_interval: int | None = field(
+        default=None,
+        metadata={"help": "Steps a shared factor is kept (lozo: V, 50; zo_muon: the subspace, 100 when None)."},
+    )
+    zo_momentum: float | None = field(
+        default=None,
+        metadata={
+            "help": "Momentum β on the small factor of factored methods (lozo → LOZO-M; zo_muon before "
+            "orthogonalisation); state r·(m or n) numbers per matrix. None/0: no momentum. Refused for full "
+            "directions (its buffer would be the model's size)."
         },
     )
     zo_seed: int | None = field(

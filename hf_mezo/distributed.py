@@ -33,6 +33,7 @@ trajectory of an unsharded one.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable, Iterable
 
@@ -93,10 +94,20 @@ def _optimizer_fingerprint(optimizer) -> list[int]:
         int(group["num_directions"]),
         _DISTRIBUTIONS.index(group["distribution"]),
         eps_bits,
+        _method_digest(optimizer),
     ]
 
 
-_FINGERPRINT_FIELDS = ("direction seed", "optimizer step", "zo_num_directions", "zo_distribution", "zo_eps")
+def _method_digest(optimizer) -> int:
+    """63 bits of a hash of the method's recorded fields (family, estimator, update, rank, interval, momentum)."""
+    method = getattr(optimizer, "method", None)
+    key = repr(sorted(vars(method).items())) if method is not None else ""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+_FINGERPRINT_FIELDS = (
+    "direction seed", "optimizer step", "zo_num_directions", "zo_distribution", "zo_eps", "zo_method and its knobs",
+)  # fmt: skip
 
 
 def _gather_rows(row: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""`ZerothOrderSGD`: the MeZO update rule as a `torch.optim.Optimizer`.
+"""`ZerothOrderSGD`: zeroth-order updates (MeZO and its successors) as a `torch.optim.Optimizer`.
 
 Being an `Optimizer` is what keeps the Trainer's machinery working: LR schedulers read and write
 `param_groups[i]["lr"]`, weight decay is per group (off for bias/LayerNorm, as the Trainer groups
@@ -10,6 +10,10 @@ parameter (`perturbed`), accumulates the projected gradients g that the trainer 
 its seed, then advances the step counter. State is O(n) scalars, never O(model). For bf16/fp16
 weights z_j is replaced by the perturbation the passes actually applied, (fl(θ + εz) − fl(θ − εz))/2ε,
 so coordinates whose perturbation rounded away are left exactly as they are.
+
+Which directions, which passes and which update are the method's (`hf_mezo.methods`: a direction
+family, an estimator, an update rule); the default method `"mezo"` is the two-point estimate along full
+Gaussian directions with SGD, and its trajectories are those of the optimizer before methods existed.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from typing import Any
 
 import torch
 
-from .config import ZO_DISTRIBUTIONS
-from .directions import add_direction, chunk_numel, draw_direction, draw_dtype
+from .directions import chunk_numel, draw_direction, draw_dtype
+from .methods import DirectionKey, ZerothOrderMethod, resolve_method
+from .methods.updates import SGD
 from .shards import local_shard
 
 
@@ -82,10 +87,14 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         eps: float = 1e-3,
-        num_directions: int = 1,
-        distribution: str = "gaussian",
+        num_directions: int | None = None,
+        distribution: str | None = None,
         seed: int = 0,
         stochastic_rounding: bool = True,
+        method: str | ZerothOrderMethod = "mezo",
+        rank: int | None = None,
+        refresh_interval: int | None = None,
+        momentum: float | None = None,
     ):
         if not lr >= 0:
             raise ValueError(f"lr must be ≥ 0, got {lr!r}")
@@ -93,20 +102,30 @@ class ZerothOrderSGD(torch.optim.Optimizer):
             raise ValueError(f"weight_decay must be ≥ 0, got {weight_decay!r}")
         if not eps > 0:
             raise ValueError(f"eps must be > 0 (the perturbation scale), got {eps!r}; the paper uses 1e-3")
-        if not isinstance(num_directions, int) or num_directions < 1:
-            raise ValueError(f"num_directions must be an integer ≥ 1, got {num_directions!r}")
-        if distribution not in ZO_DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {ZO_DISTRIBUTIONS}, got {distribution!r}")
+        knobs = dict(
+            num_directions=num_directions,
+            distribution=distribution,
+            rank=rank,
+            refresh_interval=refresh_interval,
+            momentum=momentum,
+        )
+        if isinstance(method, ZerothOrderMethod):
+            method = method.with_overrides(**knobs)
+        else:
+            method = resolve_method(method, **knobs)
         defaults = dict(
             lr=lr,
             weight_decay=weight_decay,
             eps=eps,
-            num_directions=num_directions,
-            distribution=distribution,
             seed=int(seed),
             zo_step=0,
             stochastic_rounding=stochastic_rounding,
+            # The method's fields travel in the param groups, hence in optimizer.pt: a resumed run rebuilds
+            # exactly the method it saved, registered or not.
+            **{f"zo_{name}": value for name, value in vars(method).items()},
         )
+        # Kept under their historic names too (read by hf_mezo.distributed's fingerprint and by callers).
+        defaults.update(num_directions=method.num_directions, distribution=method.distribution)
         super().__init__(params, defaults)
         if not any(p.requires_grad for group in self.param_groups for p in group["params"]):
             raise ValueError(
@@ -123,8 +142,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                     "'params' are (name, parameter) pairs) instead of bare parameters."
                 )
             self.param_names.update({id(p): name for p, name in zip(group["params"], names)})
-        # Projected gradients measured for the current step, summed over micro-batches (one per direction).
-        self._projected_grads: list[torch.Tensor | float] = [0.0] * num_directions
+        # Per probe, what the estimator accumulates for the current step, summed over micro-batches.
+        self._projected_grads: list[torch.Tensor | float] = [0.0] * method.num_directions
+        self._built: tuple | None = None
         self._reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
         self._reduced: torch.Tensor | None = None
         self._skip_step = False
@@ -145,6 +165,44 @@ class ZerothOrderSGD(torch.optim.Optimizer):
     def num_directions(self) -> int:
         return self.param_groups[0]["num_directions"]
 
+    @property
+    def method(self) -> ZerothOrderMethod:
+        """The method this optimizer runs, as recorded in its param groups (so also after a resume)."""
+        group = self.param_groups[0]
+        return ZerothOrderMethod(**{name: group[f"zo_{name}"] for name in ZerothOrderMethod.__dataclass_fields__})
+
+    def _parts(self):
+        """(direction family, estimator, update rule), rebuilt when the recorded method changes."""
+        method = self.method
+        if self._built is None or self._built[0] != method:
+            self._built = (method, *method.build())
+        return self._built[1:]
+
+    @property
+    def family(self):
+        return self._parts()[0]
+
+    @property
+    def estimator(self):
+        return self._parts()[1]
+
+    @property
+    def update_rule(self):
+        return self._parts()[2]
+
+    def passes(self) -> list[tuple[int | None, float]]:
+        """The forward passes of one step, (probe, scale) each; probe None is the unperturbed model."""
+        return self.estimator.passes(self.num_directions, self.eps)
+
+    def accumulate_passes(self, losses: list[torch.Tensor]) -> None:
+        """Fold one micro-batch's (weighted) losses of `passes()`, in that order, into the step's estimate."""
+        for probe, value in enumerate(self.estimator.fold(losses, self.eps)):
+            self.accumulate(probe, value)
+
+    def mean_loss(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        """The loss to log for one micro-batch's passes: the mean of ± pairs, or the unperturbed loss."""
+        return self.estimator.mean_loss(losses)
+
     def set_reduction(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
         """Install a mean-reduction across processes for the projected gradients (one small tensor a step)."""
         self._reduce = reduce
@@ -162,30 +220,28 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                     self.param_names[id(p)] = name
                     yield name, p, group
 
-    def _direction_key(self, param: torch.Tensor, direction: int) -> dict:
-        """What z of `param` is a function of (besides the position): its name and size, the run seed, the
-        current step, the direction index and the distribution."""
+    def _direction_key(self, param: torch.Tensor, direction: int) -> DirectionKey:
+        """What z of `param` is a function of (besides the position): its name and shape, the run seed, the
+        current step and the direction (probe) index; the family adds its own knobs."""
         group = self.param_groups[0]
-        return {
-            "name": self.param_names[id(param)],
-            "numel": param.numel(),
-            "run_seed": group["seed"],
-            "step": group["zo_step"],
-            "direction": direction,
-            "distribution": group["distribution"],
-        }
+        return DirectionKey(
+            self.param_names[id(param)], tuple(param.shape), group["seed"], group["zo_step"], direction
+        )
+
+    def factored(self, param: torch.Tensor) -> bool:
+        """Whether `param`'s directions are a product of small factors (low-rank / subspace families)."""
+        return self.family.factored(tuple(param.shape))
+
+    def factors(self, param: torch.Tensor, direction: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(A, B, s) with z_direction = s·A·Bᵀ for a factored `param`, in its draw dtype."""
+        return self.family.factors(self._direction_key(param, direction), draw_dtype(param.dtype), param.device)
 
     def direction(
         self, param: torch.Tensor, direction: int, *, start: int = 0, end: int | None = None
     ) -> torch.Tensor:
         """z_direction of `param` for the current step, flattened, in its draw dtype (see `directions`)."""
-        return draw_direction(
-            **self._direction_key(param, direction),
-            dtype=draw_dtype(param.dtype),
-            device=param.device,
-            start=start,
-            end=end,
-        )
+        key = self._direction_key(param, direction)
+        return self.family.draw(key, draw_dtype(param.dtype), param.device, start, end)
 
     @torch.no_grad()
     def perturbed(self, param: torch.Tensor, direction: int, scale: float) -> torch.Tensor:
@@ -211,18 +267,13 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         start: int = 0,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """values + scale·z for elements [start, …) of `param`'s flattened z, fused chunk by chunk (see
-        `directions.add_direction`); `out=values` updates in place."""
-        return add_direction(
-            values,
-            **self._direction_key(param, direction),
-            scale=scale,
-            start=start,
-            out=out,
-        )
+        """values + scale·z for elements [start, …) of `param`'s flattened z, computed in z's dtype and rounded
+        once (chunk by chunk for full directions, see `directions.add_direction`); `out=values` updates in place."""
+        return self.family.add(values, self._direction_key(param, direction), scale, start, out)
 
     def accumulate(self, direction: int, projected_grad: torch.Tensor) -> None:
-        """Add one micro-batch's projected gradient (L₊ − L₋)/2ε for `direction` to the current step."""
+        """Add one micro-batch's estimate for probe `direction` to the current step: (L₊ − L₋)/2ε for the central
+        estimator, L_j − L₀ for one-sided ones (see `hf_mezo.methods.estimators`)."""
         if not torch.isfinite(projected_grad).all():
             self._skip_step = True
         self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
@@ -236,7 +287,7 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._skip_step = False
 
     def projected_grads(self) -> torch.Tensor:
-        """The step's projected gradients (n,), averaged across processes if a reduction is installed."""
+        """The step's accumulated estimates (n,), averaged across processes if a reduction is installed."""
         if self._reduced is None:
             grads = torch.stack([torch.as_tensor(g, dtype=torch.float64) for g in self._projected_grads])
             device = next(p.device for _, p, _ in self.named_trainable_parameters())
@@ -247,22 +298,23 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         return self._reduced
 
     def projected_grad_norm(self) -> float:
-        """RMS of the step's projected gradients: |g| for one direction. Logged as `grad_norm`."""
-        grads = self.projected_grads()
+        """RMS of the step's projected gradients g_j (directional derivative estimates): |g| for one direction.
+        Logged as `grad_norm`."""
+        grads = self.estimator.projected_grads(self.projected_grads(), self.eps)
         return float(grads.double().pow(2).mean().sqrt())
 
     # ---- the update ---------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Apply θ ← θ − lr·(mean_j g_j·z_j + wd·θ) and advance to the next step's directions.
+        """Apply θ ← θ − lr·(Σ_j c_j·z_j + wd·θ) (or the method's update of it) and advance to the next step.
 
-        A non-finite projected gradient skips the update (parameters untouched) with a warning; the step
-        counter still advances so the next step draws fresh directions.
+        c_j are the estimator's coefficients (g_j / n for MeZO). A non-finite estimate skips the update
+        (parameters untouched) with a warning; the step counter still advances so the next step draws fresh
+        directions.
         """
         loss = closure() if closure is not None else None
         grads = self.projected_grads()
-        n = self.num_directions
         if self._skip_step or not torch.isfinite(grads).all():
             warnings.warn(
                 f"MeZO step {self.step_count}: non-finite loss in a perturbed forward (projected gradients "
@@ -271,13 +323,73 @@ class ZerothOrderSGD(torch.optim.Optimizer):
                 stacklevel=2,
             )
         else:
-            coefficients = [float(g) / n for g in grads.double()]
+            coefficients = self.estimator.coefficients(grads, self.eps)
+            plain_sgd = isinstance(self.update_rule, SGD)
             for _, param, group in self.named_trainable_parameters():
-                self._update_parameter(param, group, coefficients)
+                exact_dtype = draw_dtype(param.dtype) == param.dtype
+                # Low-precision weights under SGD keep the elementwise path: it updates along the perturbation
+                # the passes applied (see `applied_direction`), which the factored matmul cannot.
+                if self.factored(param) and (exact_dtype or not plain_sgd):
+                    self._update_factored(param, group, coefficients)
+                else:
+                    self._update_parameter(param, group, coefficients)
         for group in self.param_groups:
             group["zo_step"] += 1
+        self.family.clear()
         self.discard_step()
         return loss
+
+    def _update_factored(self, full: torch.Tensor, group: dict, coefficients: list[float]) -> None:
+        """θ ← (1 − lr·wd)·θ − lr·s·A·Bᵀ for a matrix with factored directions, one rank-r matmul.
+
+        With SGD, A·Bᵀ = Σ_j c_j·A_j·Bᵀ is exactly Σ_j c_j·z_j; momentum and orthogonalisation transform the
+        fresh factor first (`hf_mezo.methods.updates`). Low-precision weights get the float32 update rounded
+        once (stochastically if enabled).
+        """
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        family, rule = self.family, self.update_rule
+        param, start = local_shard(full)
+        rows, cols = full.shape
+        dtype, device = draw_dtype(full.dtype), param.device
+        key = self._direction_key(full, 0)
+        period = family.period(key.step)
+        shared = family.shared_factor(key, period, dtype, device)
+        fresh = None
+        for probe, c in enumerate(coefficients):
+            if c != 0.0:
+                factor = family.fresh_factor(
+                    DirectionKey(key.name, key.shape, key.run_seed, key.step, probe), dtype, device
+                )
+                fresh = factor * c if fresh is None else fresh.add_(factor, alpha=c)
+        if fresh is None:
+            fresh = torch.zeros_like(family.fresh_factor(key, dtype, device))
+        estimate = rule.transform(
+            fresh, shared, self.state[full], period, lambda p: family.shared_factor(key, p, dtype, device)
+        )
+        left, right = (estimate, shared) if family.shared_side == "right" else (shared, estimate)
+        alpha = -lr * family.scale(key.shape)
+        decay = 1.0 - lr * weight_decay
+        moves = alpha != 0.0 and bool(estimate.any())
+        if not moves and decay == 1.0:
+            return  # nothing moves: leave the bits alone (adding 0 would turn -0.0 into +0.0)
+        r0 = start // cols
+        r1 = r0 + param.numel() // cols
+        local_rows = param.view(r1 - r0, cols)
+        if draw_dtype(param.dtype) == param.dtype:
+            if decay != 1.0:
+                local_rows.mul_(decay)
+            if moves:
+                local_rows.addmm_(left[r0:r1], right.t(), alpha=alpha)
+            return
+        updated = local_rows.float()
+        if decay != 1.0:
+            updated.mul_(decay)
+        if moves:
+            updated.addmm_(left[r0:r1].float(), right.t().float(), alpha=alpha)
+        if group["stochastic_rounding"]:
+            local_rows.copy_(self._stochastic_round(updated, local_rows, full, start))
+        else:
+            local_rows.copy_(updated)
 
     def _update_parameter(self, param: torch.Tensor, group: dict, coefficients: list[float]) -> None:
         lr, weight_decay = group["lr"], group["weight_decay"]

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import Trainer, TrainingArguments
 from transformers.utils import logging
 
-from .config import refuse_unsupported_options, zo_settings
+from .config import method_knobs, refuse_unsupported_options, zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
@@ -155,8 +155,8 @@ class MeZOMixin:
                 [g for g in groups if g["params"]],
                 lr=self.args.learning_rate,
                 eps=self.zo["zo_eps"],
-                num_directions=self.zo["zo_num_directions"],
-                distribution=self.zo["zo_distribution"],
+                method=self.zo["zo_method"],
+                **method_knobs(self.zo),
                 seed=seed,
                 stochastic_rounding=self.zo["zo_stochastic_rounding"],
             )
@@ -237,7 +237,8 @@ class MeZOMixin:
         inputs: dict[str, torch.Tensor | Any],
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor:
-        """Two perturbed forwards per direction; accumulates g into the optimizer; returns (L₊ + L₋) / 2."""
+        """The method's forward passes (MeZO: θ ± εz); accumulates the estimate into the optimizer; returns the
+        loss to log ((L₊ + L₋) / 2 for two-point estimates, the unperturbed loss for one-sided ones)."""
         optimizer = self.zo_optimizer
         inputs = self._prepare_inputs(inputs)
         weight, loss_items = self._micro_batch_weight(inputs, num_items_in_batch)
@@ -245,35 +246,38 @@ class MeZOMixin:
         if not contributes and not self._zo_runs_collectives(model):
             return torch.zeros((), device=self.args.device)
         # ...but a sharded (FSDP2) model runs it anyway: every rank must join every forward's all-gathers.
-        model.eval()  # dropout off: both passes must see the same function of θ
-        eps = optimizer.eps
+        model.eval()  # dropout off: every pass must see the same function of θ
         mean_losses = []
         try:
-            for direction in range(optimizer.num_directions):
-                losses = []
-                for scale in (eps, -eps):
-                    with perturbed(model, optimizer, direction, scale):
-                        with self.compute_loss_context_manager():
-                            loss = self.compute_zo_loss(model, dict(inputs), num_items_in_batch=loss_items)
-                    if self.args.n_gpu > 1:
-                        loss = loss.mean()
-                    # float64: L₊ − L₋ is a small difference of two close numbers
-                    losses.append(loss.detach().double() * weight)
-                loss_plus, loss_minus = losses
-                if not contributes:
-                    continue
-                optimizer.accumulate(direction, (loss_plus - loss_minus) / (2 * eps))
-                if not (torch.isfinite(loss_plus) and torch.isfinite(loss_minus)):
+            losses = []
+            for probe, scale in optimizer.passes():  # MeZO: (0, +ε), (0, −ε); one-sided methods add (None, 0)
+                with self._zo_pass(model, optimizer, probe, scale):
+                    with self.compute_loss_context_manager():
+                        loss = self.compute_zo_loss(model, dict(inputs), num_items_in_batch=loss_items)
+                if self.args.n_gpu > 1:
+                    loss = loss.mean()
+                # float64: L₊ − L₋ is a small difference of two close numbers
+                losses.append(loss.detach().double() * weight)
+            if contributes:
+                optimizer.accumulate_passes(losses)
+                if not all(torch.isfinite(loss) for loss in losses):
                     logger.warning(
-                        f"MeZO step {self.state.global_step}: non-finite loss (L+={loss_plus.item()}, "
-                        f"L-={loss_minus.item()}); this step's update will be skipped."
+                        f"MeZO step {self.state.global_step}: non-finite loss in a perturbed pass "
+                        f"({[loss.item() for loss in losses]}); this step's update will be skipped."
                     )
-                mean_losses.append((loss_plus + loss_minus) / 2)
+                mean_losses.append(optimizer.mean_loss(losses))
         finally:
             model.train()  # as the stock training_step leaves it
         if not mean_losses:
             return torch.zeros((), device=self.args.device)
         return torch.stack(mean_losses).mean().float().to(self.args.device)
+
+    @staticmethod
+    def _zo_pass(model: nn.Module, optimizer: ZerothOrderSGD, probe: int | None, scale: float):
+        """The context of one pass: θ + scale·z_probe, or the model as it is for an unperturbed pass."""
+        if probe is None:
+            return torch.no_grad()
+        return perturbed(model, optimizer, probe, scale)
 
     def _zo_runs_collectives(self, model: nn.Module) -> bool:
         """Whether each forward is a collective across ranks (FSDP2 shards are all-gathered in it)."""

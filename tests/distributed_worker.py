@@ -46,7 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rank_dependent_init", action="store_true", help="each rank initializes differently")
     parser.add_argument("--corrupt_rank", type=int, default=-1)
     parser.add_argument("--corrupt_step", type=int, default=1)
-    parser.add_argument("--num_directions", type=int, default=2)
+    parser.add_argument("--num_directions", type=int, default=None, help="None: 2 for mezo, else the method's")
+    parser.add_argument("--zo_method", default="mezo")
+    parser.add_argument("--zo_momentum", type=float, default=None)
+    parser.add_argument("--zo_refresh_interval", type=int, default=None)
     parser.add_argument("--zo_seed_per_rank", action="store_true", help="each rank draws from its own seed (an error)")
     options = parser.parse_args(argv)
 
@@ -62,7 +65,10 @@ def main(argv: list[str] | None = None) -> dict:
         lr_scheduler_type="constant",
         weight_decay=0.01,
         zo_eps=1e-4,
-        zo_num_directions=options.num_directions,
+        zo_num_directions=options.num_directions or (2 if options.zo_method == "mezo" else None),
+        zo_method=options.zo_method,
+        zo_momentum=options.zo_momentum,
+        zo_refresh_interval=options.zo_refresh_interval,
         zo_seed=100 + rank if options.zo_seed_per_rank else None,
         logging_steps=1,
         report_to=[],

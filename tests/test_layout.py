@@ -90,3 +90,10 @@ def test_no_import_cycle_among_hf_mezo_modules():
 def test_the_optimizer_imports_nothing_above_it(lower, higher):
     path = PACKAGE / (lower.removeprefix("hf_mezo.").replace(".", "/") + ".py")
     assert not any(t == higher or t.startswith(higher + ".") for t in _imports(path))
+
+
+@pytest.mark.parametrize("higher", ["hf_mezo.optimizer", "hf_mezo.perturbation", "hf_mezo.trainer", "hf_mezo.config"])
+def test_the_methods_import_nothing_above_them(higher):
+    """Methods sit between the optimizer and the direction stream: optimizer → methods → directions."""
+    for path in (PACKAGE / "methods").glob("*.py"):
+        assert not any(t == higher or t.startswith(higher + ".") for t in _imports(path)), path.name

@@ -142,7 +142,7 @@ _SKIPPED_ATTRIBUTES = frozenset(
     | {"_backward_hooks", "_backward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs"}
     | {"_forward_hooks_always_called", "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"}
     | {"_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"}
-    | {"training", "forward", "_old_forward", "_zo_perturbation_plan", "_compiled_call_impl"}
+    | {"training", "forward", "_old_forward", "_zo_perturbation_plan", "_zo_perturbation_plans", "_compiled_call_impl"}
 )
 
 

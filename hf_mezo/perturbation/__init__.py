@@ -2,7 +2,7 @@
 
 MeZO's estimate g = (L₊ − L₋) / 2ε is only right if both passes see exactly θ ± εz for every
 trainable parameter, wherever the forward reads it. This package decides per parameter how
-(`plan`: module swap, streamed, whole-forward, sharded), checks the decision on the first pass with
+(`plan`: module swap, streamed, low-rank transient, whole-forward, sharded), checks the decision on the first pass with
 a read monitor (`reads`), and never writes θ: each strategy swaps `param.data` for a new tensor and
 back, so the restore is bit-exact. It sits above the optimizer, which only draws z and applies
 updates, and imports nothing of the process-level machinery (`hf_mezo.distributed`).
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..shards import is_sharded
+from .low_rank import low_rank_forward
 from .module_swap import swapping
 from .plan import Plan, plan_for
 from .reads import ReadMonitor
@@ -73,13 +74,14 @@ def perturbed(model: nn.Module, optimizer, direction: int, scale: float) -> Iter
             yield state.touched
         return
     check_perturbable(model, [(names[id(p)], p) for p in trainable])
-    plan = plan_for(model, trainable)
+    plan = plan_for(model, trainable, optimizer)
     monitor = None if plan.learned else ReadMonitor(state, trainable, names)
     try:
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
             stack.enter_context(held(plan.whole, state))
             stack.enter_context(streaming(plan.streamed, state))
+            stack.enter_context(streaming(plan.transient, state, build=low_rank_forward))
             stack.enter_context(swapping(plan.swapped, state))
             if monitor is not None:
                 stack.enter_context(monitor)

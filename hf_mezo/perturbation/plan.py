@@ -4,6 +4,8 @@
   parameter runs, and swapped back after; one module's parameters are perturbed at a time.
 - **streamed** (`streamed`): a large `nn.Linear` / `nn.Embedding` weight (the vocabulary matrix) is
   perturbed block by block inside its module's computation, never materialized whole.
+- **low-rank transient** (`low_rank`): an `nn.Linear` / `nn.Embedding` weight whose directions are
+  factored (LOZO, ZO-Muon) adds the rank-r term s·(x·B)·Aᵀ to its output; the weight is never copied.
 - **whole-forward** (`whole_forward`): θ + εz is held for the whole forward (one extra copy of the
   tensor). For parameters the forward reads outside their owner's `forward` (a functional tied head
   `F.linear(h, embeddings.weight)`), for owners whose forward runs more than once per pass (ALBERT's
@@ -23,9 +25,12 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from . import low_rank as low_rank_strategy
 from . import streamed as streamed_strategy
 
-_PLAN_ATTRIBUTE = "_zo_perturbation_plan"
+_PLAN_ATTRIBUTE = "_zo_perturbation_plan"  # the plan of the latest pass
+_PLANS_ATTRIBUTE = "_zo_perturbation_plans"
+_MAX_PLANS = 8  # a model trained by a few optimizers in turn (benchmarks) keeps each one's plan
 
 
 def is_compiled(model: nn.Module) -> bool:
@@ -69,6 +74,7 @@ class Plan:
     key: tuple
     swapped: list[tuple[nn.Module, list[nn.Parameter]]] = field(default_factory=list)
     streamed: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)
+    transient: list[tuple[nn.Module, nn.Parameter]] = field(default_factory=list)
     whole: list[nn.Parameter] = field(default_factory=list)
     learned: bool = False  # the read monitor has checked this plan on one pass
     read_outside: list[str] = field(default_factory=list)  # names moved to whole-forward, for messages
@@ -87,17 +93,18 @@ class Plan:
         for _owner, params in self.swapped:
             self.whole += [p for p in params if id(p) in moved and id(p) not in whole_ids]
             whole_ids.update(id(p) for p in params if id(p) in moved)
-        for _module, weight in self.streamed:
+        for _module, weight in self.streamed + self.transient:
             if id(weight) in moved and id(weight) not in whole_ids:
                 self.whole.append(weight)
                 whole_ids.add(id(weight))
         self.swapped = [(o, [p for p in ps if id(p) not in moved]) for o, ps in self.swapped]
         self.swapped = [(o, ps) for o, ps in self.swapped if ps]
         self.streamed = [(m, w) for m, w in self.streamed if id(w) not in moved]
+        self.transient = [(m, w) for m, w in self.transient if id(w) not in moved]
         self.learned = True
 
 
-def build_plan(model: nn.Module, trainable: list[nn.Parameter], key: tuple) -> Plan:
+def build_plan(model: nn.Module, trainable: list[nn.Parameter], key: tuple, optimizer=None) -> Plan:
     if is_compiled(model):
         # No hooks in the graph: every parameter held perturbed around the compiled forward. Exact
         # wherever it is read, hence nothing to learn.
@@ -107,7 +114,9 @@ def build_plan(model: nn.Module, trainable: list[nn.Parameter], key: tuple) -> P
     for owner, params in owned_trainable(model, ids):
         swapped = []
         for p in params:
-            if streamed_strategy.streams(owner, p):  # in every owner of a tied matrix: same z in each
+            if optimizer is not None and low_rank_strategy.applies(owner, p, optimizer):
+                plan.transient.append((owner, p))
+            elif streamed_strategy.streams(owner, p):  # in every owner of a tied matrix: same z in each
                 plan.streamed.append((owner, p))
             else:
                 swapped.append(p)
@@ -116,11 +125,18 @@ def build_plan(model: nn.Module, trainable: list[nn.Parameter], key: tuple) -> P
     return plan
 
 
-def plan_for(model: nn.Module, trainable: list[nn.Parameter]) -> Plan:
-    """The model's plan for these trainable parameters, built on first use and kept on the model."""
-    key = (is_compiled(model), streamed_strategy.STREAM_MIN_NUMEL, tuple(id(p) for p in trainable))
-    plan = model.__dict__.get(_PLAN_ATTRIBUTE)
-    if plan is None or plan.key != key:
-        plan = build_plan(model, trainable, key)
-        model.__dict__[_PLAN_ATTRIBUTE] = plan
+def plan_for(model: nn.Module, trainable: list[nn.Parameter], optimizer=None) -> Plan:
+    """The model's plan for these trainable parameters, built on first use and kept on the model.
+
+    `optimizer` (a `ZerothOrderSGD`) tells which weights have factored directions (low-rank transient).
+    """
+    factored = tuple(optimizer.factored(p) for p in trainable) if optimizer is not None else ()
+    key = (is_compiled(model), streamed_strategy.STREAM_MIN_NUMEL, tuple(id(p) for p in trainable), factored)
+    plans = model.__dict__.setdefault(_PLANS_ATTRIBUTE, {})  # by key: alternating optimizers keep their plans
+    plan = plans.get(key)
+    if plan is None:
+        if len(plans) >= _MAX_PLANS:
+            plans.clear()
+        plan = plans[key] = build_plan(model, trainable, key, optimizer)
+    model.__dict__[_PLAN_ATTRIBUTE] = plan
     return plan

@@ -119,24 +119,33 @@ def streamed_forward(module: nn.Module, state: PassState) -> Callable[..., torch
 
 
 @contextlib.contextmanager
-def streaming(modules: list[tuple[nn.Module, nn.Parameter]], state: PassState) -> Iterator[None]:
-    """Within the block, each module computes with its weight streamed at θ + s·z (unless already held)."""
+def streaming(
+    modules: list[tuple[nn.Module, nn.Parameter]],
+    state: PassState,
+    build: Callable[[nn.Module, PassState], Callable[..., torch.Tensor]] | None = None,
+) -> Iterator[None]:
+    """Within the block, each module computes with its weight streamed at θ + s·z (unless already held).
+
+    `build(module, state)` makes the perturbed computation (`streamed_forward`; the low-rank transient term
+    of `low_rank` shares this installation).
+    """
+    build = streamed_forward if build is None else build  # looked up at call time (tests wrap it)
     restores = []
     try:
         for module, weight in modules:
-            restores.append(_install(module, weight, state))
+            restores.append(_install(module, weight, state, build))
         yield
     finally:
         for restore in reversed(restores):
             restore()
 
 
-def _install(module: nn.Module, weight: nn.Parameter, state: PassState) -> Callable[[], None]:
+def _install(module: nn.Module, weight: nn.Parameter, state: PassState, build) -> Callable[[], None]:
     attribute = "_old_forward" if _accelerate_hooked(module) else "forward"
     had_own = attribute in module.__dict__
     previous = module.__dict__.get(attribute)
     plain_call = previous if had_own else type(module).forward.__get__(module)
-    perturbed_call = streamed_forward(module, state)
+    perturbed_call = build(module, state)
 
     def forward(*args, **kwargs):
         state.module_runs[id(module)] += 1
