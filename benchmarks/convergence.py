@@ -44,21 +44,18 @@ sys.path.insert(0, str(REPO / "examples"))
 
 import demo  # noqa: E402  (examples/demo.py: model, trainable sets, cache pass, training runs)
 
-from hf_mezo import MeZOConfig  # noqa: E402
 from hf_mezo.data import load_sst2  # noqa: E402
+from hf_mezo.methods import METHODS  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "sst2" / "k-shot-1k-test"
 RESULTS = HERE / "results"
-ALL_METHODS = ("mezo", "fzoo", "lozo", "zo_muon")
 LR_GRID = {"adamw": (3e-5, 1e-4, 3e-4), "default": (1e-4, 3e-4, 1e-3)}
 SELECT_LR_SHARE = 4  # --select_lr runs 1/4 of the budget per learning rate
 
 
 def available_methods() -> list[str]:
-    """The zeroth-order methods this checkout's MeZOConfig knows (only "mezo" before `zo_method` exists)."""
-    if "zo_method" not in MeZOConfig.__dataclass_fields__:
-        return ["mezo"]
-    return list(ALL_METHODS)
+    """Every registered zeroth-order method, plain MeZO first."""
+    return sorted(METHODS, key=lambda name: (name != "mezo", name))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,16 +87,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def steps_for(method: str, args, learning_rate: float, forwards: int) -> tuple:
-    """(training arguments, steps) for a run of `method` within `forwards` forward passes (AdamW: its steps)."""
+def training_args(method: str, args, learning_rate: float, forwards: int):
+    """A run of `method` within `forwards` forward passes (AdamW: --adamw_steps, scaled like the budget)."""
     if method == "adamw":
-        steps = args.adamw_steps if forwards == args.forwards else max(1, args.adamw_steps * forwards // args.forwards)
-        return demo.training_args(method, Path(args.work_dir), steps, args.batch_size, learning_rate), steps
-    probe = demo.training_args(method, Path(args.work_dir), 1, args.batch_size, learning_rate, zo_eps=args.zo_eps)
-    steps = max(1, forwards // demo.forwards_per_step(probe))
-    return demo.training_args(
-        method, Path(args.work_dir), steps, args.batch_size, learning_rate, zo_eps=args.zo_eps
-    ), steps
+        steps = max(1, args.adamw_steps * forwards // args.forwards)
+        return demo.training_args(method, Path(args.work_dir), steps, args.batch_size, learning_rate)
+    return demo.budget_args(method, Path(args.work_dir), forwards, args.batch_size, learning_rate, zo_eps=args.zo_eps)
 
 
 def run_record(args) -> dict:
@@ -150,7 +143,8 @@ def run_seed(setup, seed: int, args, rates: dict) -> dict:
             grid = LR_GRID.get(method, LR_GRID["default"]) if args.select_lr else [rates[trainable][method]]
             forwards = args.forwards // SELECT_LR_SHARE if args.select_lr else args.forwards
             for lr in grid:
-                method_args, steps = steps_for(method, args, lr, forwards)
+                method_args = training_args(method, args, lr, forwards)
+                steps = method_args.max_steps
                 every = max(1, steps // args.curve_points) if args.curve_points else 0
                 with demo.restored(model):
                     result = demo.train(setup, model, method_args, data["train"], curve_batches, score_batches, every)

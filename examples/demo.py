@@ -11,9 +11,10 @@ What is tuned: the real weights of the model's top decoder layer and its final n
 ``top1``: 3.5M parameters, attention and MLP; the embeddings and the 29 layers below are frozen). The library's depth
 cache (`hf_mezo.models.DepthCache`) stores the frozen 29 layers' output per example, computed once — the progress
 bar at start-up — so a MeZO step is two forwards of one layer over the batch. On that same trainable set the demo
-runs, for a fixed number of steps (not a wall-clock budget, so the numbers do not depend on the machine's load):
+runs, for a fixed budget of steps (not of wall-clock time, so the numbers do not depend on the machine's load):
 
-- each zeroth-order method of ``--methods`` through `MeZOTrainer` (``MeZOConfig(zo_method=...)``);
+- each zeroth-order method of ``--methods`` through `MeZOTrainer` (``MeZOConfig(zo_method=...)``), all within the
+  same number of forward passes (``--forwards``: a method with more forwards a step makes fewer steps);
 - AdamW (backprop) through the stock `transformers.Trainer`;
 
 and beside them zero-shot (the pretrained model) and a linear probe (logistic regression on the pretrained model's
@@ -53,7 +54,9 @@ from hf_mezo import (
     VerbalizerDataCollator,
     freeze_all_but_top_layers,
 )
+from hf_mezo.config import method_knobs, zo_settings
 from hf_mezo.data import load_sst2
+from hf_mezo.methods import resolve_method
 from hf_mezo.models.gguf import load_gguf_model, load_gguf_tokenizer, smollm2_gguf_path
 
 TEMPLATE = "{sentence} It was"
@@ -225,14 +228,13 @@ class PeakRSS:
 
 
 def forwards_per_step(args: TrainingArguments) -> int:
-    """Forward passes over the batch per optimizer step: 2n for MeZO's n two-sided directions; 1 for backprop
-    (whose backward pass, ≈ 2 forwards of work, is not counted); a method that reports its own count wins."""
+    """Forward passes over the batch per optimizer step: the zeroth-order method's own count (mezo 2, fzoo and
+    zo_muon N + 1 with N one-sided probes), 1 for backprop (whose backward, ≈ 2 forwards of work, is not counted)."""
     if not isinstance(args, MeZOConfig):
         return 1
-    method_count = getattr(args, "zo_forwards_per_step", None)
-    if callable(method_count):
-        return int(method_count())
-    return 2 * args.zo_num_directions * args.gradient_accumulation_steps
+    settings = zo_settings(args)
+    method = resolve_method(settings["zo_method"], **method_knobs(settings))
+    return method.forwards_per_step * args.gradient_accumulation_steps
 
 
 class TestCurve(TrainerCallback):
@@ -263,7 +265,7 @@ class TestCurve(TrainerCallback):
 
 
 def training_args(method: str, output_dir: Path, steps: int, batch_size: int, learning_rate: float, **zo):
-    """`MeZOConfig` (zeroth-order `method`) or `TrainingArguments` (``"adamw"``) for a step-budget run."""
+    """`MeZOConfig` (zeroth-order `method`) or `TrainingArguments` (``"adamw"``) for a run of `steps` steps."""
     common = dict(
         output_dir=str(output_dir / method),
         max_steps=steps,
@@ -282,9 +284,14 @@ def training_args(method: str, output_dir: Path, steps: int, batch_size: int, le
     )
     if method == "adamw":
         return TrainingArguments(optim="adamw_torch", **common)
-    if method != "mezo":
-        zo["zo_method"] = method  # MeZOConfig refuses a method it does not know, naming the known ones
-    return MeZOConfig(**common, **zo)
+    return MeZOConfig(**common, zo_method=method, **zo)  # refuses a method it does not know, naming the known ones
+
+
+def budget_args(method: str, output_dir: Path, forwards: int, batch_size: int, learning_rate: float, **zo):
+    """`training_args` for a zeroth-order `method` given a budget of forward passes: ⌊forwards / per step⌋ steps."""
+    probe = training_args(method, output_dir, 1, batch_size, learning_rate, **zo)
+    steps = max(1, forwards // forwards_per_step(probe))
+    return training_args(method, output_dir, steps, batch_size, learning_rate, **zo)
 
 
 def train(setup: PromptSetup, model, args, train_rows, curve_batches, test_batches, curve_every: int) -> dict:
@@ -293,13 +300,13 @@ def train(setup: PromptSetup, model, args, train_rows, curve_batches, test_batch
     forwards = forwards_per_step(args)
     curve = TestCurve(curve_batches, curve_every, forwards)
     with PeakRSS() as memory:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer = trainer_class(
             model=model, args=args, train_dataset=train_rows, data_collator=setup.collator, callbacks=[curve]
         )
         trainer.remove_callback(PrinterCallback)  # the losses go to results.json, not to the terminal
         trainer.train()
-        seconds = time.perf_counter() - start
+        seconds, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     return {
         "test_accuracy": accuracy(model, test_batches),
@@ -307,6 +314,7 @@ def train(setup: PromptSetup, model, args, train_rows, curve_batches, test_batch
         "forward_passes": trainer.state.global_step * forwards,
         "wall_s": seconds,
         "train_s": seconds - curve._eval_s,
+        "cpu_s": cpu_s,  # CPU time of all threads (curve evaluations included): a bound on a quiet machine's wall time
         "peak_mib": memory.mib,
         "learning_rate": args.learning_rate,
         "curve": curve.points,
@@ -348,10 +356,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help="zeroth-order methods to run (MeZOConfig.zo_method), each for --steps steps",
+        help="zeroth-order methods to run (MeZOConfig.zo_method), each within --forwards forward passes",
     )
     parser.add_argument("--trainable", default="top1", choices=sorted(TRAINABLE_SETS))
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps of each zeroth-order method")
+    parser.add_argument(
+        "--forwards",
+        type=int,
+        default=2000,
+        help="forward passes (over a batch) of each zeroth-order method: 1,000 steps of mezo (2 a step), 400 of fzoo",
+    )
     parser.add_argument("--adamw_steps", type=int, default=100, help="optimizer steps of AdamW")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument(
@@ -395,13 +408,21 @@ def run(args: argparse.Namespace, setup: PromptSetup) -> dict:
     cache_s = time.perf_counter() - cache_start
     results = {"zero_shot": {"test_accuracy": (test_logits.argmax(-1) == test_labels).float().mean().item()}}
     results["linear_probe"] = linear_probe(train_states, train_labels, test_states, test_labels)
+    # The memory reference: inference (no gradient) over the training set in batches of the training batch size.
+    inference_start = time.perf_counter()
+    with PeakRSS() as memory:
+        predict(model, batches_by_length(setup.collator, data["train"], args.batch_size))
+    results["inference"] = {"peak_mib": memory.mib, "wall_s": time.perf_counter() - inference_start}
     curve_rows = data["test"].shuffle(seed=0).select(range(min(args.curve_examples, len(data["test"]))))
     curve_batches = batches_by_length(setup.collator, curve_rows)
     trained = {}
     for method in (*args.methods, "adamw"):
-        steps = args.adamw_steps if method == "adamw" else args.steps
-        zo = {} if method == "adamw" else {"zo_eps": args.zo_eps}
-        method_args = training_args(method, output_dir, steps, args.batch_size, args.learning_rates[method], **zo)
+        lr = args.learning_rates[method]
+        if method == "adamw":
+            method_args = training_args(method, output_dir, args.adamw_steps, args.batch_size, lr)
+        else:
+            method_args = budget_args(method, output_dir, args.forwards, args.batch_size, lr, zo_eps=args.zo_eps)
+        steps = method_args.max_steps
         every = max(1, steps // args.curve_points) if args.curve_points else 0
         with restored(model):
             results[method] = train(setup, model, method_args, data["train"], curve_batches, test_batches, every)
@@ -456,10 +477,11 @@ def print_table(results: dict, methods) -> None:
     print(f"\nSmolLM2-135M-Instruct, SST-2 k={settings['k']} data seed {settings['data_seed']}, test = 872 GLUE dev")
     print(f"trainable set: {results['trainable_set']} ({results['trainable_parameters']:,} parameters)")
     print(f"{'method':<14}{'test acc':>9}{'steps':>7}{'forwards':>10}{'wall s':>8}{'peak MiB':>10}")
-    for name in ("zero_shot", "linear_probe", *methods):
+    for name in ("zero_shot", "linear_probe", "inference", *methods):
         r = results[name]
+        accuracy = f"{r['test_accuracy']:>9.1%}" if "test_accuracy" in r else f"{'—':>9}"
         print(
-            f"{name:<14}{r['test_accuracy']:>9.1%}{r.get('steps', ''):>7}{r.get('forward_passes', ''):>10}"
+            f"{name:<14}{accuracy}{r.get('steps', ''):>7}{r.get('forward_passes', ''):>10}"
             f"{r.get('wall_s', float('nan')):>8.1f}{r.get('peak_mib', float('nan')):>10.1f}"
         )
     print(f"frozen-layer pass {results['cache_s']:.0f} s; total {results['total_wall_s'] / 60:.1f} min")

@@ -19,7 +19,8 @@ from .test_prompting_causal import GREAT, TERRIBLE, gpt2_style_tokenizer
 sys.path.insert(0, str(REPO / "examples"))
 import demo  # noqa: E402
 
-STEPS = 4
+FORWARDS = 10  # mezo: 5 steps of 2 forwards; fzoo: 2 steps of 5 (4 one-sided probes + the unperturbed pass)
+ADAMW_STEPS = 4
 TEST_ROWS = 48
 
 
@@ -65,11 +66,15 @@ def demo_run(tmp_path_factory):
             "--k=16",
             f"--data_dir={data_dir}",
             f"--output_dir={output_dir}",
-            f"--steps={STEPS}",
-            f"--adamw_steps={STEPS}",
+            "--methods",
+            "mezo",
+            "fzoo",
+            f"--forwards={FORWARDS}",
+            f"--adamw_steps={ADAMW_STEPS}",
             "--batch_size=8",
             "--learning_rate",
             "mezo=1e-2",
+            "fzoo=1e-2",
             "adamw=1e-2",
             "--curve_points=2",
             "--curve_examples=16",
@@ -123,7 +128,7 @@ def test_demo_reports_what_the_stock_model_computes(demo_run):
     data = load_sst2(16, 42, data_dir)
     assert len(data["test"]) == TEST_ROWS
     saved = json.loads((output_dir / "results.json").read_text())
-    assert set(saved) >= {"zero_shot", "linear_probe", "mezo", "adamw"}
+    assert set(saved) >= {"zero_shot", "linear_probe", "inference", "mezo", "fzoo", "adamw"}
     assert (output_dir / "curves.png").is_file()
 
     assert saved["zero_shot"]["test_accuracy"] == pytest.approx(
@@ -136,10 +141,10 @@ def test_demo_reports_what_the_stock_model_computes(demo_run):
     expected_probe = probe.score(hand_states(stock, tokenizer, data["test"]).numpy(), data["test"]["label"])
     assert saved["linear_probe"]["test_accuracy"] == pytest.approx(expected_probe, abs=1.5 / len(data["test"]))
 
-    for method, forwards in (("mezo", 2), ("adamw", 1)):
+    for method, steps, forwards in (("mezo", 5, FORWARDS), ("fzoo", 2, FORWARDS), ("adamw", ADAMW_STEPS, ADAMW_STEPS)):
         run = saved[method]
-        assert run["steps"] == STEPS and run["forward_passes"] == STEPS * forwards
-        assert [point[0] for point in run["curve"]] == [0, 2, 4]
+        assert (run["steps"], run["forward_passes"]) == (steps, forwards)
+        assert run["curve"][0][:2] == [0, 0] and run["curve"][-1][:2] == [steps, forwards]
         assert run["peak_mib"] >= 0 and run["wall_s"] > 0
         trained = results["trained"][method]
         # The trainable set: the top layer and the final norm, nothing else.
