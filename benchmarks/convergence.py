@@ -79,6 +79,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning_rates", default=str(RESULTS / "convergence_lr.json"))
     parser.add_argument("--output", default=None, help="default: results/convergence.json (convergence_lr.json)")
     parser.add_argument("--merge", action="store_true", help="merge the runs into an existing output JSON")
+    parser.add_argument(
+        "--combine", nargs="+", default=None, metavar="JSON", help="run nothing: merge these outputs into --output"
+    )
     parser.add_argument("--shared_machine", action="store_true", help="record that other jobs shared the cores")
     parser.add_argument("--work_dir", default="outputs/convergence")
     args = parser.parse_args(argv)
@@ -259,16 +262,19 @@ def main(argv=None) -> dict:
             )
     output = Path(args.output)
     record = {"runs": {}, "records": []}
-    if args.merge and output.is_file():
+    if (args.merge or args.combine) and output.is_file():
         record = json.loads(output.read_text())
+    if args.combine:
+        for path in args.combine:
+            other = json.loads(Path(path).read_text())
+            merge_runs(record, other["runs"])
+            record["records"] += other["records"]
+        return write(record, args, rates, output)
     start = time.perf_counter()
     this_run = run_record(args)
     setup = demo.load_smollm2()
     for seed in args.seeds:
-        by_set = run_seed(setup, seed, args, rates)
-        seed_runs = record["runs"].setdefault(str(seed), {})
-        for trainable, by_method in by_set.items():
-            seed_runs.setdefault(trainable, {}).update(by_method)
+        merge_runs(record, {str(seed): run_seed(setup, seed, args, rates)})
     this_run.update(
         seeds=args.seeds,
         methods=args.methods,
@@ -278,7 +284,19 @@ def main(argv=None) -> dict:
         settings={k: v for k, v in vars(args).items() if k not in ("merge", "output")},
     )
     record["records"].append(this_run)
-    record["trainable_sets"] = {name: demo.TRAINABLE_SETS[name] for name in args.trainable_sets}
+    return write(record, args, rates, output)
+
+
+def merge_runs(record: dict, runs: dict) -> None:
+    """Put `runs` ({seed: {set: {method: result}}}) into `record`, replacing the same (seed, set, method)."""
+    for seed, by_set in runs.items():
+        for trainable, by_method in by_set.items():
+            record["runs"].setdefault(seed, {}).setdefault(trainable, {}).update(by_method)
+
+
+def write(record: dict, args, rates: dict, output: Path) -> dict:
+    sets = sorted({t for by_set in record["runs"].values() for t in by_set})
+    record["trainable_sets"] = {name: demo.TRAINABLE_SETS[name] for name in sets}
     if args.select_lr:
         record["chosen"] = choose(record["runs"])
         print(json.dumps(record["chosen"], indent=1))
