@@ -341,8 +341,8 @@ def restored(model: torch.nn.Module):
 
 # ---- the demo -----------------------------------------------------------------------------------
 
-# Chosen on the split's dev set with short runs (docs/demo_smollm2.md).
-DEFAULT_LEARNING_RATES = {"mezo": 3e-4, "adamw": 1e-4}
+# Chosen on the split's dev set with short runs (docs/demo_smollm2.md, benchmarks/results/convergence_lr.json).
+DEFAULT_LEARNING_RATES = {"mezo": 3e-4, "fzoo": 1e-3, "lozo": 1e-3, "zo_muon": 1e-3, "adamw": 3e-4}
 DEFAULT_METHODS = ("mezo",)
 
 
