@@ -212,7 +212,7 @@ def summarize(runs: dict) -> dict:
     return summary
 
 
-def plot(summary: dict, path: Path) -> None:
+def plot(summary: dict, path: Path, shared: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,7 +228,8 @@ def plot(summary: dict, path: Path) -> None:
             row[0].plot(forwards, accuracy, marker=".", label=label)
             row[1].plot(seconds, accuracy, marker=".", label=method)
         row[0].set(xlabel="forward passes (batch 16)", ylabel="test accuracy (curve subset)", title=trainable)
-        row[1].set(xlabel="training seconds", ylabel="test accuracy (curve subset)", title=trainable)
+        seconds_label = "training seconds (wall; other jobs shared the cores)" if shared else "training seconds (wall)"
+        row[1].set(xlabel=seconds_label, ylabel="test accuracy (curve subset)", title=trainable)
         row[0].legend(fontsize=8, loc="lower right")
     fig.suptitle("SmolLM2-135M-Instruct, SST-2 k=512, mean over data seeds")
     fig.tight_layout()
@@ -254,8 +255,8 @@ def print_table(summary: dict) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     rates = {} if args.select_lr else learning_rates(args)
-    if not args.select_lr:
-        missing = [(t, m) for t in args.trainable_sets for m in [*args.methods, "adamw"] if m not in rates.get(t, {})]
+    if not (args.select_lr or args.combine):
+        missing = [(t, m) for t in args.trainable_sets for m in args.methods if m not in rates.get(t, {})]
         if missing:
             raise SystemExit(
                 f"no dev-set learning rate for {missing} in {args.learning_rates}; run with --select_lr first."
@@ -303,7 +304,7 @@ def write(record: dict, args, rates: dict, output: Path) -> dict:
     else:
         record["learning_rates"] = rates
         record["summary"] = summarize(record["runs"])
-        plot(record["summary"], output.with_suffix(".png"))
+        plot(record["summary"], output.with_suffix(".png"), any(r["shared_machine"] for r in record["records"]))
         print_table(record["summary"])
     output.write_text(json.dumps(record, indent=1))
     print(f"wrote {output}")
