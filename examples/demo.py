@@ -473,6 +473,10 @@ def plot(results: dict, methods, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _number(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}"
+
+
 def print_table(results: dict, methods) -> None:
     settings = results["settings"]
     print(f"\nSmolLM2-135M-Instruct, SST-2 k={settings['k']} data seed {settings['data_seed']}, test = 872 GLUE dev")
@@ -483,7 +487,7 @@ def print_table(results: dict, methods) -> None:
         accuracy = f"{r['test_accuracy']:>9.1%}" if "test_accuracy" in r else f"{'—':>9}"
         print(
             f"{name:<14}{accuracy}{r.get('steps', ''):>7}{r.get('forward_passes', ''):>10}"
-            f"{r.get('wall_s', float('nan')):>8.1f}{r.get('peak_mib', float('nan')):>10.1f}"
+            f"{_number(r.get('wall_s')):>8}{_number(r.get('peak_mib')):>10}"
         )
     print(f"frozen-layer pass {results['cache_s']:.0f} s; total {results['total_wall_s'] / 60:.1f} min")
 
