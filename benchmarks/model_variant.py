@@ -21,11 +21,18 @@ prompts (one mask per example, or the last token for a causal LM; two label word
 and the depth cache's memory per example. Targets (issue 4, on the 2-core CPU): label-word forward ≥ 1.5×
 faster than stock; top-25% step with cache ≥ 3× faster than without; and ≥ 2.5× faster than the reference.
 
+`--generic` compares instead the family classes (`RobertaForPromptMaskedLM`, `LlamaForPromptCausalLM`) with the
+generic `AutoModelForPromptMaskedLM` / `AutoModelForPromptCausalLM` on the same weights and batch, timed in
+alternation: the label-word forward (no cache), the MeZO step with the top 25% trainable and the depth cache warm,
+and (causal) the forward and step (top 25%, depth cache off) on rows whose first 3/4 are a common prefix, shared.
+Target (issue 20): the generic path within 10% of the family class (ratio generic / family ≤ 1.10).
+
     python benchmarks/model_variant.py                                 # base + large, batch 16×64
     python benchmarks/model_variant.py --batch_sizes 16 64             # and the MeZO paper's batch 64
     python benchmarks/model_variant.py --shapes base --repeats 5
     python benchmarks/model_variant.py --shapes smollm2 --output benchmarks/results/model_variant_smollm2.json
     python benchmarks/model_variant.py --smoke                         # tiny shapes: checks that it runs
+    python benchmarks/model_variant.py --generic                       # roberta-base, SmolLM2: family vs generic
 
 Prints a table and writes benchmarks/results/model_variant.json (model_variant_smoke.json for --smoke).
 """
@@ -37,6 +44,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -45,7 +53,7 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaForMaskedLM
 
-from hf_mezo import ZerothOrderSGD, perturbed_forward
+from hf_mezo import AutoModelForPromptCausalLM, AutoModelForPromptMaskedLM, ZerothOrderSGD, perturbed_forward
 from hf_mezo.models import LlamaForPromptCausalLM, RobertaForPromptMaskedLM, freeze_all_but_top_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -85,6 +93,9 @@ class BenchmarkArguments:
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: torch's choice)."})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda."})
     smoke: bool = field(default=False, metadata={"help": "Tiny shapes, batch 4×16, one repeat: checks it runs."})
+    generic: bool = field(
+        default=False, metadata={"help": "Family classes vs the generic Auto classes (default shapes base, smollm2)."}
+    )
     output: str | None = field(default=None, metadata={"help": "JSON path (default benchmarks/results/...)."})
 
 
@@ -264,6 +275,95 @@ def measure(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: i
     }
 
 
+def measure_generic(shape: str, batch_size: int, args: BenchmarkArguments, vocab_size: int, seq_len: int) -> dict:
+    """Family class vs generic class on the same weights: forward, cached step, shared-prefix forward and step."""
+    causal = shape in CAUSAL_SHAPES
+    if causal:
+        vocab_size = CAUSAL_VOCAB_SIZE if vocab_size == VOCAB_SIZE else vocab_size
+    stock, family = build_models(shape, vocab_size, args.device)
+    if causal:
+        generic = AutoModelForPromptCausalLM.from_model(stock, label_word_ids=label_words(vocab_size, causal=True))
+        _, batch = make_causal_batches(batch_size, seq_len, vocab_size, args.device)
+    else:
+        generic = AutoModelForPromptMaskedLM.from_model(stock, label_word_ids=label_words(vocab_size))
+        batch = make_batch(batch_size, seq_len, vocab_size, args.device)
+    models = {"family": family, "generic": generic}
+    layers = SHAPES[shape]["num_hidden_layers"]
+    top = max(1, round(args.top_fraction * layers))
+    times, deltas = {}, {}
+
+    def compare(label: str, make_fn) -> None:
+        measured = timed_together({f"{label}: {name}": make_fn(name, model) for name, model in models.items()}, args)
+        times.update(measured)
+
+    def class_logits_delta(label: str, inputs) -> None:
+        with torch.no_grad():
+            logits = [model(**inputs).logits for model in models.values()]
+        deltas[label] = float((logits[0] - logits[1]).abs().max())
+
+    for model in models.values():
+        model.depth_cache.resize(0)
+        if causal:
+            model.share_prefix = False
+    class_logits_delta("forward", batch)
+    with torch.no_grad():
+        compare("forward", lambda name, model: lambda: model(**batch))
+
+    optimizers = {}
+    for name, model in models.items():
+        freeze_all_but_top_layers(model, top)
+        model.depth_cache.resize(1 << 34)
+        optimizers[name] = trainable_optimizer(model)
+        mezo_step(model, optimizers[name], batch)  # cold: fills the cache
+    class_logits_delta("cached", batch)
+    compare(
+        "step + cache (top)",
+        lambda name, model: lambda: mezo_step(model, optimizers[name], batch),
+    )
+
+    if causal:
+        shared_batch = {k: v.clone() for k, v in batch.items()}
+        shared_batch["input_ids"][:, : seq_len * 3 // 4] = shared_batch["input_ids"][0, : seq_len * 3 // 4]
+        for model in models.values():
+            model.depth_cache.resize(0)
+            model.share_prefix = True
+            model.reset_shared_prefix_stats()
+        class_logits_delta("shared prefix", shared_batch)
+        assert all(model.shared_prefix_stats["shared_layer_runs"] == 1 for model in models.values())
+        with torch.no_grad():
+            compare("forward shared prefix", lambda name, model: lambda: model(**shared_batch))
+        compare(
+            "step shared prefix (top)", lambda name, model: lambda: mezo_step(model, optimizers[name], shared_batch)
+        )
+    ratios = {
+        f"{label}: generic / family": times[f"{label}: generic"] / times[f"{label}: family"]
+        for label in dict.fromkeys(key.rsplit(": ", 1)[0] for key in times)
+    }
+    return {
+        "shape": shape,
+        "model": f"{type(family).__name__} vs {type(generic).__name__}",
+        "batch": [batch_size, seq_len],
+        "trainable_layers": f"top {top} of {layers}",
+        "parameters": sum(p.numel() for p in generic.parameters()),
+        "seconds": times,
+        "ratios": ratios,
+        "max |Δ class logits| family vs generic": deltas,
+        "targets_met": {"generic within 10% of the family class": all(r <= 1.10 for r in ratios.values())},
+    }
+
+
+def print_generic_result(result: dict) -> None:
+    batch = result["batch"]
+    print(f"\n{result['model']} ({result['parameters'] / 1e6:.1f}M params), batch {batch[0]}×{batch[1]}")
+    print(f"{'':44}{'median s':>10}")
+    for name, value in result["seconds"].items():
+        print(f"{name:44}{value:10.3f}")
+    for name, value in result["ratios"].items():
+        print(f"{name:44}{value:9.2f}×")
+    for name, value in result["max |Δ class logits| family vs generic"].items():
+        print(f"max |Δ class logits| {name:23}{value:10.1e}")
+
+
 def print_result(result: dict) -> None:
     batch, seconds = result["batch"], result["seconds"]
     print(
@@ -290,6 +390,8 @@ def main() -> None:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     shapes, batch_sizes, seq_len, vocab_size = args.shapes, args.batch_sizes, args.seq_len, VOCAB_SIZE
+    if args.generic and shapes == ["base", "large"]:
+        shapes = ["base", "smollm2"]
     if args.smoke:
         shapes, batch_sizes, seq_len, vocab_size = ["tiny", "causal-tiny"], [4], 16, 1000
         args.repeats, args.warmup = 1, 1
@@ -299,15 +401,20 @@ def main() -> None:
     results = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}",
+        "commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip(),
         "runs": [],
     }
     print(results["machine"])
     for shape in shapes:
         for batch_size in batch_sizes:
-            result = measure(shape, batch_size, args, vocab_size, seq_len)
-            print_result(result)
+            if args.generic:
+                result = measure_generic(shape, batch_size, args, vocab_size, seq_len)
+                print_generic_result(result)
+            else:
+                result = measure(shape, batch_size, args, vocab_size, seq_len)
+                print_result(result)
             results["runs"].append(result)
-    name = "model_variant_smoke.json" if args.smoke else "model_variant.json"
+    name = f"model_variant{'_generic' if args.generic else ''}{'_smoke' if args.smoke else ''}.json"
     output = Path(args.output) if args.output else Path(__file__).parent / "results" / name
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2))

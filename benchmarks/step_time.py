@@ -313,6 +313,7 @@ def run_record() -> dict:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0],  # > the cores: other jobs shared the machine
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
     }
 

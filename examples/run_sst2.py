@@ -7,19 +7,24 @@ The test split is evaluated at the end; the metrics are printed and saved as JSO
 (`test_results.json`, plus `train_results.json` with `--do_train`).
 
 The MeZO paper's setting (RoBERTa-large, k = 512 per class, data seed 42): batch 64, lr 1e-6,
-ε = 1e-3, 100k steps, constant schedule, evaluation every 10k steps (keeping the best on dev).
-The global batch is per_device_train_batch_size × processes × gradient_accumulation_steps; divide
-64 by the number of processes in `accelerate_configs/multi_gpu.yaml`:
+ε = 1e-3, 100k steps, constant schedule, evaluation every 10k steps (keeping the best on dev). On one
+GPU:
 
-    accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_sst2.py \\
-        --model_name_or_path roberta-large --trainer mezo \\
-        --k 512 --data_seed 42 \\
-        --template '*cls**sent_0*_It_was*mask*.*sep+*' --label_words "{'0':'terrible','1':'great'}" \\
-        --do_train --per_device_train_batch_size 64 --learning_rate 1e-6 --zo_eps 1e-3 \\
-        --max_steps 100000 --lr_scheduler_type constant --weight_decay 0 \\
-        --eval_strategy steps --eval_steps 10000 --save_strategy steps --save_steps 10000 \\
-        --save_total_limit 1 --load_best_model_at_end --metric_for_best_model accuracy \\
+    python examples/run_sst2.py \
+        --model_name_or_path roberta-large --trainer mezo \
+        --k 512 --data_seed 42 \
+        --template '*cls**sent_0*_It_was*mask*.*sep+*' --label_words "{'0':'terrible','1':'great'}" \
+        --do_train --per_device_train_batch_size 64 --learning_rate 1e-6 --zo_eps 1e-3 \
+        --max_steps 100000 --lr_scheduler_type constant --weight_decay 0 \
+        --eval_strategy steps --eval_steps 10000 --save_strategy steps --save_steps 10000 \
+        --save_total_limit 1 --load_best_model_at_end --metric_for_best_model accuracy \
         --per_device_eval_batch_size 64 --output_dir results/sst2-mezo-512-42 --report_to none
+
+The global batch is per_device_train_batch_size × processes × gradient_accumulation_steps, so on the 8
+processes of `accelerate_configs/multi_gpu.yaml` the same batch of 64 is 8 per device:
+
+    accelerate launch --config_file accelerate_configs/multi_gpu.yaml examples/run_sst2.py \
+        ... --per_device_train_batch_size 8 ...   (the other flags as above)
 
 Causal LMs (Llama/SmolLM2, Qwen2, OPT — the paper's `large_models/` — and GPT-2) run with the same flags: the
 prompt is the template up to its mask (`'{sentence} It was'`, MeZO's causal template; a cloze template such as the
@@ -38,8 +43,9 @@ MeZO with a peft adapter: `--lora` (r = 8, α = 16 on query/value; the paper's l
 
 The same with `python examples/run_sst2.py ...` runs on one process; several CPU processes (torchrun,
 accelerate) need `--use_cpu --ddp_backend gloo`. For the fine-tuning baseline use
-`--trainer ft` with the paper's FT setting (batch 8, lr 1e-5, 1000 steps with AdamW; `--zo_*` are
-ignored). Offline, point `--model_name_or_path` at a local model directory; a checkpoint without an
+`--trainer ft` with the paper's FT setting (batch 8, lr 1e-5, 1000 steps with AdamW): it parses the stock
+`TrainingArguments` (max_grad_norm 1.0, --optim, --fp16 as the Trainer means them; of the `--zo_*` flags only
+`--zo_train_top_layers` applies, the others are refused as unknown). Offline, point `--model_name_or_path` at a local model directory; a checkpoint without an
 MLM head (e.g. a sentence-transformer's BERT) gets a freshly initialized head, with a warning.
 """
 
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import logging
 import os
 import sys
@@ -62,6 +69,7 @@ from transformers import (
     HfArgumentParser,
     PreTrainedModel,
     Trainer,
+    TrainingArguments,
     set_seed,
 )
 from transformers.training_args import ParallelMode
@@ -247,14 +255,41 @@ def with_prompt_context(template, data_args: DataArguments, verbalizer, train, d
     return type(template)(source)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, MeZOConfig]:
+@dataclass
+class FineTuningArguments(TrainingArguments):
+    """`--trainer ft`: the stock `TrainingArguments` (AdamW, max_grad_norm 1.0, fp16, ...), plus the one zo_* field
+    both trainers share: which layers are trained (`select_trainable_parameters`)."""
+
+    zo_train_top_layers: int | None = field(
+        default=None,
+        metadata={"help": "Train only the top K layers and the head (None: all parameters), as with --trainer mezo."},
+    )
+
+
+# The arguments each trainer parses: MeZO's own config, or the stock Trainer's with its own defaults and semantics.
+TRAINING_ARGUMENTS = {"mezo": MeZOConfig, "ft": FineTuningArguments}
+
+
+def _chosen_trainer(argv: list[str]) -> str:
+    """`--trainer` from the command line or the JSON file, before the full parse (which depends on it)."""
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        with open(argv[0]) as file:
+            return json.load(file).get("trainer", ModelArguments.trainer)
+    peek = argparse.ArgumentParser(add_help=False)
+    peek.add_argument("--trainer", default=ModelArguments.trainer)
+    return peek.parse_known_args(argv)[0].trainer
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    argv = sys.argv[1:] if argv is None else argv
+    training_arguments = TRAINING_ARGUMENTS.get(_chosen_trainer(argv), MeZOConfig)
     parser = HfArgumentParser(
-        (ModelArguments, DataArguments, MeZOConfig),
+        (ModelArguments, DataArguments, training_arguments),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    if argv is None and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
     return parser.parse_args_into_dataclasses(args=argv)
 
 
@@ -315,16 +350,15 @@ def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) ->
     return model
 
 
-def prepare_model(model: PreTrainedModel, model_args: ModelArguments, training_args: MeZOConfig) -> PreTrainedModel:
+def prepare_model(
+    model: PreTrainedModel, model_args: ModelArguments, training_args: TrainingArguments
+) -> PreTrainedModel:
     """`--lora` / `--prefix`: wrap the model in a peft adapter; peft freezes the rest, so only the adapter trains."""
     if model_args.lora:
         model = get_peft_model(model, lora_config_for_mezo())
     elif model_args.prefix:
         model = get_peft_model(model, prefix_config_for_mezo(num_virtual_tokens=model_args.num_virtual_tokens))
-        try:
-            init_prefix_from_tokens(model, seed=training_args.seed)
-        except ValueError as error:  # not a BERT-family attention: keep peft's random prefix
-            logger.warning(f"prefix keeps peft's initialization: {error}")
+        init_prefix_from_tokens(model, seed=training_args.seed)  # the paper's: real tokens' keys and values
     else:
         return model
     trainable, total = model.get_nb_trainable_parameters()
@@ -332,7 +366,7 @@ def prepare_model(model: PreTrainedModel, model_args: ModelArguments, training_a
     return model
 
 
-def select_trainable_parameters(model: PreTrainedModel, training_args: MeZOConfig) -> PreTrainedModel:
+def select_trainable_parameters(model: PreTrainedModel, training_args: TrainingArguments) -> PreTrainedModel:
     """`--zo_train_top_layers K`: train only the top K layers and the head, for either trainer (FT too)."""
     if training_args.zo_train_top_layers is not None:
         trainable = freeze_all_but_top_layers(model, training_args.zo_train_top_layers)

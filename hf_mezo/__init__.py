@@ -5,6 +5,8 @@ from .config import MeZOConfig, ZerothOrderArguments
 from .data import load_sst2
 from .metrics import build_compute_metrics, load_sst2_metric
 from .models import (
+    AutoModelForPromptCausalLM,
+    AutoModelForPromptMaskedLM,
     BertForPromptMaskedLM,
     GPT2ForPromptCausalLM,
     LlamaForPromptCausalLM,
@@ -19,6 +21,7 @@ from .optimizer import ZerothOrderSGD
 from .perturbation import PerturbationError, perturbed, perturbed_forward
 from .precision import float32_logits
 from .prompting import CausalPromptTemplate, PromptTemplate, Verbalizer, VerbalizerDataCollator
+from .seed_log import SeedLogError, load_seed_log, replay_seed_log, write_seed_log_dir
 from .seq2seq import MeZOSeq2SeqConfig, MeZOSeq2SeqTrainer
 from .trainer import MeZOMixin, MeZOTrainer
 
@@ -33,6 +36,8 @@ __all__ += [
     "load_sst2_metric",
 ]
 __all__ += [
+    "AutoModelForPromptCausalLM",
+    "AutoModelForPromptMaskedLM",
     "BertForPromptMaskedLM",
     "GPT2ForPromptCausalLM",
     "LlamaForPromptCausalLM",
@@ -53,6 +58,7 @@ __all__ += [
     "prefix_config_for_mezo",
     "token_f1",
 ]
+__all__ += ["SeedLogError", "load_seed_log", "replay_seed_log", "write_seed_log_dir"]
 __all__ += ["MeZOMixin", "ZerothOrderArguments", "MeZOSeq2SeqConfig", "MeZOSeq2SeqTrainer"]
 __all__ += ["MeZOSFTConfig", "MeZOSFTTrainer"]
 __version__ = "0.1.0"

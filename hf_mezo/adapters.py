@@ -26,7 +26,8 @@ its MLP with `prefix_projection=True`) runs inside the `PeftModel`'s forward.
 peft 0.21 on `RobertaForMaskedLM`: LoRA works with `task_type=None` or "FEATURE_EXTRACTION"; prefix
 tuning needs "FEATURE_EXTRACTION" (`task_type=None` raises a `KeyError`), so that is the default here.
 Prefix tuning in the paper starts from the key/value activations of real tokens rather than peft's
-N(0, 1) rows; `init_prefix_from_tokens` does that for BERT-family models.
+N(0, 1) rows; `init_prefix_from_tokens` does that for decoders (through their cache) and BERT-family
+encoders, whatever head the model has (a label-word head included).
 """
 
 from __future__ import annotations
@@ -96,17 +97,43 @@ def _key_value_projections(model: nn.Module) -> list[tuple[nn.Module, nn.Module]
     return pairs
 
 
+def _cached_key_values(body: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Each layer's (keys, values), (1, kv_heads, n, head_dim), from a decoder's cache; None for an encoder."""
+    outputs = body(input_ids=input_ids, use_cache=True)
+    cache = outputs.get("cache", None) if hasattr(outputs, "get") else None
+    layers = getattr(cache, "layers", None)
+    if not layers:
+        return None
+    return [(layer.keys, layer.values) for layer in layers]
+
+
+def _projected_key_values(body: nn.Module, input_ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (key, value) linear outputs, (n, hidden), hooked in a BERT-family encoder."""
+    pairs = _key_value_projections(body)
+    activations: dict[nn.Module, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda m, a, out: activations.setdefault(m, out[0])) for p in pairs for m in p]
+    try:
+        body(input_ids=input_ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(activations[key], activations[value]) for key, value in pairs]
+
+
 @torch.no_grad()
 def init_prefix_from_tokens(
     model: PeftModel, token_ids: Sequence[int] | torch.Tensor | None = None, *, seed: int = 0
 ) -> torch.Tensor:
     """Set a prefix-tuning adapter's virtual keys/values to those of real tokens (the paper's initialization).
 
-    Runs the frozen base model once on `token_ids` (one id per virtual token; default: ids drawn
-    uniformly from the vocabulary with a generator seeded by `seed`) and copies each layer's key and
-    value activations into the prefix, in peft's layout [k₀, v₀, k₁, v₁, ...] per virtual token.
-    Supports models whose self-attention computes keys and values with `key`/`value` linears (BERT,
-    RoBERTa, XLM-R) and `prefix_projection=False`. Returns the token ids used.
+    Runs the frozen base model's body (the transformer without its head, so a label-word head or any other
+    head is not involved) once on `token_ids` (one id per virtual token; default: ids drawn uniformly from
+    the vocabulary with a generator seeded by `seed`) and copies each layer's keys and values into the
+    prefix, in peft's layout [k₀, v₀, k₁, v₁, ...] per virtual token. Decoders (Llama, Qwen2, OPT, GPT-2,
+    ...) give them through their cache — the keys as attention uses them, rotary position included — so
+    a causal LM with this prefix computes, for the tokens after it, exactly what it computes after the
+    real tokens. BERT-family encoders (`key`/`value` linears) give them through forward hooks. Needs
+    `prefix_projection=False`. Returns the token ids used.
     """
     config = model.active_peft_config
     if not isinstance(config, PrefixTuningConfig) or config.prefix_projection:
@@ -121,23 +148,26 @@ def init_prefix_from_tokens(
         raise ValueError(
             f"init_prefix_from_tokens needs one token id per virtual token ({n}), got {token_ids.numel()}."
         )
-    pairs = _key_value_projections(base)
-    if len(pairs) != config.num_layers:
-        raise ValueError(
-            f"found {len(pairs)} attention layers with `key`/`value` linears, the adapter has {config.num_layers}: "
-            "init_prefix_from_tokens supports BERT-family attention only; keep peft's initialization otherwise."
-        )
-    activations: dict[nn.Module, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda m, a, out: activations.setdefault(m, out[0])) for p in pairs for m in p]
+    body = getattr(base, "base_model", base)
+    embedding = model.prompt_encoder[model.active_adapter].embedding
+    input_ids = token_ids.unsqueeze(0).to(embedding.weight.device)
     was_training = base.training
     try:
         base.eval()
-        embedding = model.prompt_encoder[model.active_adapter].embedding
-        base(input_ids=token_ids.unsqueeze(0).to(embedding.weight.device))
+        cached = _cached_key_values(body, input_ids)
+        if cached is not None:
+            # (1, kv_heads, n, head_dim) → (n, kv_heads·head_dim), the layout peft views the prefix in.
+            layers = [tuple(t[0].transpose(0, 1).reshape(n, -1) for t in pair) for pair in cached]
+        else:
+            layers = _projected_key_values(body, input_ids)
     finally:
-        for handle in handles:
-            handle.remove()
         base.train(was_training)
-    prefix = torch.cat([activations[m] for pair in pairs for m in pair], dim=-1)  # (n, layers·2·hidden)
+    if len(layers) != config.num_layers:
+        raise ValueError(
+            f"{type(base).__name__}: found keys/values of {len(layers)} attention layers, the prefix adapter has "
+            f"{config.num_layers}; init_prefix_from_tokens supports decoders with a cache and BERT-family encoders. "
+            "Leave the prefix at peft's initialization (do not call init_prefix_from_tokens) for this model."
+        )
+    prefix = torch.cat([t for pair in layers for t in pair], dim=-1)  # (n, layers·2·token_dim)
     embedding.weight.copy_(prefix.to(embedding.weight.dtype))
     return token_ids

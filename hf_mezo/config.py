@@ -16,6 +16,7 @@ from transformers import TrainingArguments
 
 from .methods import METHODS, resolve_method
 from .objectives import OBJECTIVES
+from .refusals import refuse_unsupported_options
 
 ZO_DISTRIBUTIONS = ("gaussian", "rademacher")
 
@@ -28,6 +29,7 @@ ZO_DEFAULTS: dict[str, Any] = {
     "zo_rank": None,
     "zo_refresh_interval": None,
     "zo_momentum": None,
+    "zo_seed_log": False,
     "zo_seed": None,
     "zo_stochastic_rounding": True,
     "zo_train_top_layers": None,
@@ -89,48 +91,6 @@ def method_knobs(settings: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _field_default(args: TrainingArguments, name: str) -> Any:
-    return type(args).__dataclass_fields__[name].default
-
-
-def refuse_unsupported_options(args: TrainingArguments) -> None:
-    """Raise a `ValueError` for a Trainer option that MeZO cannot honour, naming it and the alternative.
-
-    Called by `MeZOTrainer` before any work (and by `MeZOConfig` when it is built). `max_grad_norm` is
-    refused when it is set to something other than the arguments' own default: `MeZOConfig` defaults to
-    0 (no clipping), but a plain `TrainingArguments` defaults to 1.0, which cannot be told apart from a
-    deliberate 1.0, so that one is accepted and does nothing (MeZO has no gradient to clip).
-    """
-    if getattr(args, "neftune_noise_alpha", None) is not None:
-        raise ValueError(
-            f"neftune_noise_alpha={args.neftune_noise_alpha!r}: NEFTune adds noise to the input embeddings in training "
-            "mode, but MeZO's two passes run in eval mode and must see the same function of θ (random noise would "
-            "dominate L₊ − L₋). Unset neftune_noise_alpha."
-        )
-    optim = getattr(args, "optim", None)
-    default_optim = _field_default(args, "optim")
-    if optim is not None and str(getattr(optim, "value", optim)) != str(
-        getattr(default_optim, "value", default_optim)
-    ):
-        raise ValueError(
-            f"optim={getattr(optim, 'value', optim)!r}: MeZO's optimizer is hf_mezo.ZerothOrderSGD (no gradients, so no "
-            "Adam/Adafactor/...). Leave `optim` at its default; learning_rate, weight_decay and the LR schedule are "
-            "honoured, and a custom ZerothOrderSGD can be passed as MeZOTrainer(optimizers=(optimizer, None))."
-        )
-    if getattr(args, "optim_args", None) is not None:
-        raise ValueError(
-            f"optim_args={args.optim_args!r}: MeZO's ZerothOrderSGD takes no optimizer arguments from the Trainer. Unset "
-            "optim_args and use the zo_* fields of MeZOConfig (zo_eps, zo_num_directions, ...)."
-        )
-    max_grad_norm = getattr(args, "max_grad_norm", None)
-    if max_grad_norm is not None and max_grad_norm > 0 and max_grad_norm != _field_default(args, "max_grad_norm"):
-        raise ValueError(
-            f"max_grad_norm={max_grad_norm!r}: there is no gradient to clip in MeZO, and clipping the projected "
-            "gradient g is not what max_grad_norm means (|g| is logged as grad_norm). Set max_grad_norm=0; to bound "
-            "the step, lower learning_rate or zo_eps."
-        )
-
-
 def zo_settings(args: TrainingArguments) -> dict[str, Any]:
     """The zeroth-order settings of `args`: its own `zo_*` fields, or the paper's defaults for plain args."""
     settings = {name: getattr(args, name, default) for name, default in ZO_DEFAULTS.items()}
@@ -143,7 +103,7 @@ class ZerothOrderArguments:
     """The `zo_*` fields, defined once: a dataclass mixin for any `TrainingArguments` subclass.
 
     Put it first, `@dataclass class X(ZerothOrderArguments, SomeArguments)` (`MeZOConfig`, `MeZOSFTConfig`,
-    `MeZOSeq2SeqConfig`): the fields follow the parent's, `max_grad_norm` defaults to 0, everything is
+    `MeZOSeq2SeqConfig`): the fields follow the parent's, `max_grad_norm` defaults to 0 (and `gradient_checkpointing` to unset), everything is
     validated before the parent's `__post_init__`, and `HfArgumentParser` sees them like any other field.
 
     One MeZO step draws a direction z from a seed, evaluates the loss at θ + εz and θ − εz,
@@ -159,6 +119,14 @@ class ZerothOrderArguments:
             "(low-rank directions s·U·Vᵀ per matrix, V kept 50 steps; with zo_momentum > 0: LOZO-M), 'zo_muon' "
             "(4 one-sided probes in an orthonormal rank-8 subspace per matrix re-drawn every 100 steps, "
             "orthogonalised update). See hf_mezo.methods and the README's methods section."
+        },
+    )
+    zo_seed_log: bool = field(
+        default=False,
+        metadata={
+            "help": "Record the run's seed log (per step the estimator's scalars and learning rates) and write "
+            "seed_log.json into output_dir at every save and at the end: hf_mezo.replay_seed_log(base_model, path) "
+            "reproduces the trained weights bit for bit, without the weights (see hf_mezo.seed_log)."
         },
     )
     zo_eps: float = field(
@@ -246,6 +214,15 @@ class ZerothOrderArguments:
         metadata={
             "help": "Must stay 0: MeZO computes no gradient to clip (the projected gradient |g| is logged as "
             "grad_norm). Any other value is refused rather than silently ignored."
+        },
+    )
+
+    # TRL's configs default it to True; MeZO has no backward pass to checkpoint, so here it defaults to unset.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Must stay unset: activation checkpointing saves the activations of a backward pass, and MeZO runs "
+            "none. True is refused rather than silently ignored."
         },
     )
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from transformers.utils import logging
 
+from .refusals import refuse_unsupported_accelerator
 from .shards import is_sharded, local_shard, shard_rows
 
 logger = logging.get_logger(__name__)
@@ -229,27 +230,6 @@ def synchronize_at_start(model: nn.Module, optimizer=None) -> bool:
 # ---- model preparation without DDP ------------------------------------------------------------------
 
 
-def check_supported(accelerator) -> None:
-    """Refuse the distributed setups whose engines own the optimizer or the parameter layout in ways MeZO cannot use."""
-    state = accelerator.state
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError(
-            "mixed_precision fp16 (from the accelerate config or ACCELERATE_MIXED_PRECISION) brings a GradScaler, which "
-            "needs gradients; MeZO computes none. Use bf16, or load the model in float16/bfloat16 to train in half precision."
-        )
-    if getattr(state, "deepspeed_plugin", None) is not None:
-        raise ValueError(
-            "MeZOTrainer does not run under DeepSpeed: its engine expects gradients and owns the optimizer step. "
-            "For a model too large for one GPU use FSDP2 (accelerate_configs/fsdp2*.yaml, fsdp_version: 2)."
-        )
-    fsdp_plugin = getattr(state, "fsdp_plugin", None)
-    if fsdp_plugin is not None and getattr(fsdp_plugin, "fsdp_version", 1) != 2:
-        raise ValueError(
-            "MeZOTrainer supports FSDP version 2 only (DTensor shards it can update in place); FSDP1's flat parameters "
-            "hide each parameter's position. Set `fsdp_version: 2` in the accelerate config (or fsdp_config)."
-        )
-
-
 def is_data_parallel(accelerator) -> bool:
     """Several processes, each with a whole replica (DDP-style), as opposed to one process or a sharding engine."""
     # MULTI_CPU, MULTI_GPU, MULTI_XPU, MULTI_NPU, ...: every backend Accelerate would wrap in DDP.
@@ -274,7 +254,7 @@ def wrap_model_for_mezo(
     without DDP and the replicas are synchronized once (seeds verified, weights made equal).
     """
     accelerator = trainer.accelerator
-    check_supported(accelerator)
+    refuse_unsupported_accelerator(accelerator)
     wrapped = wrap(model, training=training, dataloader=dataloader)
     # Evaluation, a wrapper of the Trainer's own (DataParallel, ...), or no replicas to keep in step.
     if not training or wrapped is not model or not is_data_parallel(accelerator):

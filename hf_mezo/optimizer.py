@@ -149,6 +149,9 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._reduced: torch.Tensor | None = None
         self._skip_step = False
         self._rounding_warned: set[str] = set()
+        # The seed log (`hf_mezo.seed_log`): a header and one record of scalars per step, when enabled.
+        self.seed_log_header: dict | None = None
+        self.seed_log: list[dict] | None = None
 
     # ---- state shared with the trainer -------------------------------------------------------
 
@@ -279,6 +282,38 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         self._projected_grads[direction] = self._projected_grads[direction] + projected_grad.detach().double()
         self._reduced = None
 
+    def start_seed_log(self, build_header: Callable[[ZerothOrderSGD], dict]) -> None:
+        """Record every later step's scalars (values, learning rates, skipped) for `hf_mezo.replay_seed_log`.
+
+        `build_header(optimizer)` (`hf_mezo.seed_log.build_header`) fingerprints the trainable parameters as they are
+        now: call before the first update. A log already restored from a checkpoint (`load_state_dict`) continues.
+        """
+        self._seed_log_header_builder = build_header
+        if self.seed_log is None:
+            self.seed_log_header, self.seed_log = build_header(self), []
+
+    def inject(self, values: list[float], skipped: bool = False) -> None:
+        """Set the current step's reduced estimates to `values` (a replay of recorded scalars)."""
+        self._projected_grads = [torch.tensor(float(v), dtype=torch.float64) for v in values]
+        self._reduced = None
+        self._skip_step = bool(skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.seed_log is not None:
+            state["zo_seed_log"] = {"header": self.seed_log_header, "records": list(self.seed_log)}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        log = state_dict.pop("zo_seed_log", None)
+        super().load_state_dict(state_dict)
+        if log is not None:
+            self.seed_log_header, self.seed_log = log["header"], list(log["records"])
+        elif self.seed_log is not None:  # logging starts at this resumed step: fingerprint the loaded weights
+            self.seed_log = None
+            self.start_seed_log(self._seed_log_header_builder)
+
     def discard_step(self) -> None:
         """Forget the projected gradients measured so far for this step (a step abandoned midway, e.g. on an
         out-of-memory retry with a smaller batch), so that they do not leak into the next step's update."""
@@ -315,7 +350,17 @@ class ZerothOrderSGD(torch.optim.Optimizer):
         """
         loss = closure() if closure is not None else None
         grads = self.projected_grads()
-        if self._skip_step or not torch.isfinite(grads).all():
+        skipped = self._skip_step or not bool(torch.isfinite(grads).all())
+        if self.seed_log is not None:
+            self.seed_log.append(
+                {
+                    "step": self.step_count,
+                    "values": [float(v) for v in grads.double().cpu()],
+                    "lr": [float(group["lr"]) for group in self.param_groups],
+                    "skipped": skipped,
+                }
+            )
+        if skipped:
             warnings.warn(
                 f"MeZO step {self.step_count}: non-finite loss in a perturbed forward (projected gradients "
                 f"{grads.tolist()}); the update is skipped and the parameters are left unchanged.",

@@ -23,47 +23,40 @@ round L₊ − L₋ to their coarse grid (`precision`).
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
-from .config import method_knobs, refuse_unsupported_options, zo_settings
+from .config import method_knobs, zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
+from .divergence import NonFiniteGuard, first_non_finite
+from .label_check import check_training_labels
+from .label_items import loss_shifts_labels, shift_is_known
+from .model_card import describe_mezo, mezo_description, with_mezo_tags
 from .models import freeze_all_but_top_layers
 from .objectives import Objective, resolve_objective
 from .optimizer import ZerothOrderSGD
-from .perturbation import check_perturbable, perturbed
+from .perturbation import check_perturbable, perturbed, unperturbed
 from .precision import float32_logits
+from .refusals import (
+    refuse_changed_zo_settings_on_resume,
+    refuse_data_parallel,
+    refuse_gradient_optimizers,
+    refuse_misplaced_mixin,
+    refuse_uneven_last_batch,
+    refuse_unsupported_options,
+    refuse_unverified_trl_parents,
+    warn_frozen_running_statistics,
+)
+from .seed_log import build_header, save_seed_log
 from .shards import is_sharded
 
 logger = logging.get_logger(__name__)
-
-
-# TRL trainers whose compute_loss MeZO evaluates exactly (MeZOSFTTrainer re-scopes SFTTrainer's fused LM head).
-_VERIFIED_TRL_TRAINERS = {"_BaseTrainer", "BaseTrainer", "SFTTrainer"}
-
-
-def _refuse_unverified_trl_parents(cls: type) -> None:
-    """Refuse a TRL trainer MeZO is not known to perturb exactly, before any work (by name: TRL is not imported)."""
-    trl_parents = [c.__name__ for c in cls.__mro__ if c.__module__.split(".")[0] == "trl"]
-    unverified = [name for name in trl_parents if name not in _VERIFIED_TRL_TRAINERS]
-    if unverified:
-        raise TypeError(
-            f"{cls.__name__} composes MeZOMixin with TRL's {unverified[0]}, which MeZO does not support: it is not "
-            "verified that MeZO's two perturbed passes evaluate its loss exactly (TRL's preference/RL trainers use a "
-            "fused float32 LM-head kernel, reference models or generation). Supported: "
-            "hf_mezo.MeZOSFTTrainer (TRL's SFTTrainer), MeZOSeq2SeqTrainer, and your own transformers.Trainer "
-            "subclasses via `class X(MeZOMixin, YourTrainer)`."
-        )
-    if "SFTTrainer" in trl_parents and not any(c.__name__ == "MeZOSFTTrainer" for c in cls.__mro__):
-        raise TypeError(
-            f"{cls.__name__} composes MeZOMixin with TRL's SFTTrainer directly; its fused LM head must be answered "
-            "by the model's own forward for MeZO to be exact, which MeZOSFTTrainer does. Use hf_mezo.MeZOSFTTrainer, "
-            "or `class X(MeZOSFTTrainer, YourSFTTrainer)` for your own subclass."
-        )
 
 
 class MeZOMixin:
@@ -83,35 +76,16 @@ class MeZOMixin:
         objective: Objective | str | None = None,
         **kwargs,
     ):
-        if args is None:
-            raise ValueError(
-                f"{type(self).__name__} needs `args`: a MeZOConfig (or TrainingArguments) with output_dir set."
-            )
+        if args is None:  # as the stock Trainer does; a plain TrainingArguments gets the paper's zo_* defaults
+            logger.info("No `TrainingArguments` passed, using `output_dir=tmp_trainer`.")
+            args = TrainingArguments(output_dir="tmp_trainer")
         zo = zo_settings(args)  # validates before any work
-        _refuse_unverified_trl_parents(type(self))
         refuse_unsupported_options(args)
-        if args.n_gpu > 1:
-            raise ValueError(
-                f"n_gpu={args.n_gpu} would run MeZO under torch.nn.DataParallel (several GPUs, one process), whose "
-                "replicas are copied before MeZO's perturbation runs, so GPUs ≥ 1 would evaluate θ instead of θ ± εz. "
-                "Launch one process per GPU with `accelerate launch` (or torchrun), or expose one GPU "
-                "(CUDA_VISIBLE_DEVICES=0)."
-            )
+        refuse_data_parallel(args)
         # Not `self.objective`: the Trainer's hyperparameter search writes its metric there.
         self._zo_objective_argument = objective
         resolve_objective(objective if objective is not None else zo["zo_objective"])
-        optimizer = (kwargs.get("optimizers") or (None, None))[0]
-        if optimizer is not None and not isinstance(optimizer, ZerothOrderSGD):
-            raise TypeError(
-                f"{type(self).__name__} got optimizer {type(optimizer).__name__}, which needs gradients; MeZO computes none. "
-                "Pass a hf_mezo.ZerothOrderSGD, or leave `optimizers` unset to get one from the config."
-            )
-        if kwargs.get("optimizer_cls_and_kwargs") is not None:
-            cls = kwargs["optimizer_cls_and_kwargs"][0]
-            if not (isinstance(cls, type) and issubclass(cls, ZerothOrderSGD)):
-                raise TypeError(
-                    f"{type(self).__name__} got optimizer_cls_and_kwargs with {cls!r}; only ZerothOrderSGD works without gradients."
-                )
+        refuse_gradient_optimizers(type(self).__name__, kwargs, ZerothOrderSGD)
         if isinstance(model, nn.Module) and zo["zo_train_top_layers"] is not None:
             freeze_all_but_top_layers(model, zo["zo_train_top_layers"])
         if isinstance(model, nn.Module):
@@ -121,7 +95,18 @@ class MeZOMixin:
                 f"{type(self).__name__} got a model with no trainable parameters (requires_grad=False everywhere). "
                 "Unfreeze the parameters to tune, or wrap the model with a peft adapter."
             )
+        if isinstance(model, nn.Module):
+            warn_frozen_running_statistics(model)
+        collator = kwargs.get("data_collator", pargs[0] if pargs else None)
+        if isinstance(model, nn.Module) and hasattr(collator, "check_model"):
+            collator.check_model(model)  # VerbalizerDataCollator: the model must read its labels (see there)
         super().__init__(model, args, *pargs, **kwargs)
+
+    def __init_subclass__(cls, **kwargs):
+        # Checked when the class is defined: a wrong composition would otherwise train something else silently.
+        super().__init_subclass__(**kwargs)
+        refuse_unverified_trl_parents(cls)
+        refuse_misplaced_mixin(cls, MeZOMixin)
 
     @property
     def zo(self) -> dict[str, Any]:
@@ -161,6 +146,14 @@ class MeZOMixin:
                 stochastic_rounding=self.zo["zo_stochastic_rounding"],
             )
         self.zo_optimizer.set_reduction(self._mean_across_processes)
+        if self.zo["zo_seed_log"]:
+            if any(is_sharded(p) for _, p, _ in self.zo_optimizer.named_trainable_parameters()):
+                raise ValueError(
+                    "zo_seed_log=True with FSDP2-sharded parameters: the log's fingerprint of the base weights and its "
+                    "replay need whole tensors, which this process does not hold. Unset zo_seed_log, or train "
+                    "data-parallel without FSDP (the seed log covers that)."
+                )
+            self.zo_optimizer.start_seed_log(build_header)
         return self.optimizer
 
     @property
@@ -192,14 +185,31 @@ class MeZOMixin:
         share of the step's labelled items, which is exact for any mean-reduced loss.
         """
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if batch_samples and not getattr(self, "_zo_label_shift_measured", False):
+            self._measure_label_shift(batch_samples[0])
         counts = [self._count_label_items(batch) for batch in batch_samples]
         total = None
         if counts and all(c is not None for c in counts):
             total = torch.tensor(float(sum(counts)), device=device)
             if self._zo_tokens_across_processes:
                 total = self.accelerator.gather(total.reshape(1)).sum()
+            if num_items_in_batch is not None:  # the Trainer's count, by the measured rule (same gather rule)
+                num_items_in_batch = total.to(device)
         self._zo_step_items = None if total is None else float(total)
         return batch_samples, num_items_in_batch
+
+    def _measure_label_shift(self, batch: dict[str, Any]) -> None:
+        """Set the Trainer's `_loss_shifts_labels` from what the model's loss does (`label_items`), not `loss_type`."""
+        self._zo_label_shift_measured = True
+        if not isinstance(batch, dict) or shift_is_known(self.model):
+            return
+        shifts = loss_shifts_labels(self.model, self._prepare_inputs(dict(batch)))
+        if shifts is not None and shifts != self._loss_shifts_labels:
+            logger.info(
+                f"{type(self.model).__name__}'s loss {'shifts' if shifts else 'does not shift'} its labels (measured), "
+                f"although its loss_type says otherwise; labelled items are counted accordingly."
+            )
+            self._loss_shifts_labels = shifts
 
     @property
     def _zo_tokens_across_processes(self) -> bool:
@@ -276,7 +286,7 @@ class MeZOMixin:
     def _zo_pass(model: nn.Module, optimizer: ZerothOrderSGD, probe: int | None, scale: float):
         """The context of one pass: θ + scale·z_probe, or the model as it is for an unperturbed pass."""
         if probe is None:
-            return torch.no_grad()
+            return unperturbed(model, optimizer)
         return perturbed(model, optimizer, probe, scale)
 
     def _zo_runs_collectives(self, model: nn.Module) -> bool:
@@ -288,6 +298,10 @@ class MeZOMixin:
         # projected gradients of the abandoned partial step must not leak into the retried step's update.
         if self.optimizer is not None:
             self.zo_optimizer.discard_step()
+        batch_size = args[0] if args else kwargs.get("batch_size", self._train_batch_size)
+        if not self.accelerator.split_batches:
+            refuse_uneven_last_batch(self.train_dataset, self.args, batch_size, self.accelerator.num_processes)
+        check_training_labels(self.train_dataset, self.model, self.data_collator)
         return super()._inner_training_loop(*args, **kwargs)
 
     def compute_zo_loss(
@@ -331,13 +345,86 @@ class MeZOMixin:
             named = [(name, p) for name, p, _ in optimizer.named_trainable_parameters()]
             check_rank_consistency(named, optimizer, where=where)
 
+    def create_model_card(self, *args, tags: str | list[str] | None = None, **kwargs) -> None:
+        """The parent's card (transformers' or TRL's) tagged `mezo`, its optimizer line saying MeZO and ε (`model_card`)."""
+        super().create_model_card(*args, tags=with_mezo_tags(tags), **kwargs)
+        if self.is_world_process_zero():
+            seed = self.zo["zo_seed"] if self.zo["zo_seed"] is not None else self.args.seed
+            describe_mezo(os.path.join(self.args.output_dir, "README.md"), mezo_description(self.zo, seed))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        configured = dict(self.zo_optimizer.param_groups[0]) if checkpoint is not None else {}
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            refuse_changed_zo_settings_on_resume(configured, self.zo_optimizer.param_groups[0], checkpoint)
+
     def _save_checkpoint(self, model: nn.Module, trial) -> None:
         self.check_rank_consistency("checkpoint save")
         super()._save_checkpoint(model, trial)
+        checkpoint = os.path.join(
+            self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        )
+        self._write_seed_log(checkpoint)
+
+    def train(self, *args, **kwargs):
+        output = super().train(*args, **kwargs)
+        self._write_seed_log()
+        return output
+
+    def _write_seed_log(self, *also: str) -> None:
+        """seed_log.json into output_dir (and `also`), from the main process; every rank holds the same log."""
+        if self.optimizer is None or self.zo_optimizer.seed_log is None or not self.is_world_process_zero():
+            return
+        optimizer = self.zo_optimizer
+        for directory in (self.args.output_dir, *also):
+            save_seed_log(directory, optimizer.seed_log_header, optimizer.seed_log)
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         self.check_rank_consistency("evaluation")
+        self._refuse_non_finite_weights("evaluation")
         return super().evaluate(*args, **kwargs)
+
+    # ---- non-finite training (hf_mezo.divergence) ------------------------------------------------
+
+    @property
+    def _zo_guard(self) -> NonFiniteGuard:
+        if getattr(self, "_zo_non_finite_guard", None) is None:
+            self._zo_non_finite_guard = NonFiniteGuard()
+        return self._zo_non_finite_guard
+
+    def _non_finite_parameter(self) -> str | None:
+        """A parameter holding NaN/inf on any process (a collective when several run), or None."""
+        name = first_non_finite(self.model.named_parameters())
+        if self.accelerator.num_processes > 1:
+            flags = self.accelerator.gather(torch.tensor([name is not None], device=self.args.device))
+            if name is None and bool(flags.any()):
+                name = "(on another process)"
+        return name
+
+    def _refuse_non_finite_weights(self, where: str) -> None:
+        name = self._non_finite_parameter()
+        if name is not None:
+            raise self._zo_guard.weights_error(self.state.global_step, name, where)
+        self._zo_guard.verified(self.state.global_step)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        # Every write of the weights (checkpoints, the final save, push_to_hub) passes here.
+        self._refuse_non_finite_weights("checkpoint save" if _internal_call else "save_model")
+        super().save_model(output_dir, _internal_call)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs) -> None:
+        # After each optimizer step: a skipped (non-finite) step is accounted for before anything is logged or saved.
+        losses_finite = grad_norm is None or bool(torch.isfinite(torch.as_tensor(grad_norm)).all())
+        self._zo_guard.after_step(self.state.global_step, losses_finite, self._non_finite_parameter)
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        # The Trainer's logging_nan_inf_filter would log a skipped step's loss as the running average (0 right
+        # after a log); a skipped step since the last log makes the logged training loss NaN.
+        if "loss" in logs and self._zo_guard.unlogged_skip:
+            logs["loss"] = float("nan")
+            self._zo_guard.unlogged_skip = False
+        super().log(logs, *args, **kwargs)
 
 
 class MeZOTrainer(MeZOMixin, Trainer):

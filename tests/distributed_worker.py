@@ -48,8 +48,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--corrupt_step", type=int, default=1)
     parser.add_argument("--num_directions", type=int, default=None, help="None: 2 for mezo, else the method's")
     parser.add_argument("--zo_method", default="mezo")
+    parser.add_argument("--zo_seed_log", action="store_true")
     parser.add_argument("--zo_momentum", type=float, default=None)
     parser.add_argument("--zo_refresh_interval", type=int, default=None)
+    parser.add_argument("--extra_rows", type=int, default=0, help="rows beyond global_batch × steps")
+    parser.add_argument("--drop_last", action="store_true")
     parser.add_argument("--zo_seed_per_rank", action="store_true", help="each rank draws from its own seed (an error)")
     options = parser.parse_args(argv)
 
@@ -67,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
         zo_eps=1e-4,
         zo_num_directions=options.num_directions or (2 if options.zo_method == "mezo" else None),
         zo_method=options.zo_method,
+        zo_seed_log=options.zo_seed_log,
         zo_momentum=options.zo_momentum,
         zo_refresh_interval=options.zo_refresh_interval,
         zo_seed=100 + rank if options.zo_seed_per_rank else None,
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="steps" if options.save_steps else "no",
         save_steps=options.save_steps or 500,
         disable_tqdm=True,
+        dataloader_drop_last=options.drop_last,
         seed=5,
     )
     torch.manual_seed(rank if options.rank_dependent_init else 0)
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = RecordingTrainer(
         model=model,
         args=args,
-        train_dataset=_dataset(options.global_batch * options.steps, seed=0),
+        train_dataset=_dataset(options.global_batch * options.steps + options.extra_rows, seed=0),
         eval_dataset=_dataset(11, seed=1),  # not a multiple of the batch: the gather must drop the padding
         compute_metrics=accuracy,
         callbacks=[Corrupt()],

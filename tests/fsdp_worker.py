@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import RobertaForSequenceClassification
 
     from hf_mezo import ZerothOrderSGD
-    from hf_mezo.perturbation import perturbed
+    from hf_mezo.perturbation import perturbed, unperturbed
     from hf_mezo.shards import local_shard
 
     parser = argparse.ArgumentParser()
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--global_batch", type=int, default=8)
     parser.add_argument("--dtype", default="float64")
+    parser.add_argument("--method", default="mezo", help="zo_method; factored ones with rank 2, refresh every 2 steps")
     options = parser.parse_args(argv)
 
     state = PartialState(cpu=True)
@@ -65,19 +66,27 @@ def main(argv: list[str] | None = None) -> dict:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
 
-    optimizer = ZerothOrderSGD(model.named_parameters(), lr=1e-2, weight_decay=0.01, eps=EPS, num_directions=2, seed=5)
+    knobs = {"num_directions": 2} if options.method == "mezo" else {"rank": 2, "refresh_interval": 2}
+    if options.method == "lozo":
+        knobs["momentum"] = 0.5
+    optimizer = ZerothOrderSGD(
+        model.named_parameters(), lr=1e-2, weight_decay=0.01, eps=EPS, seed=5, method=options.method, **knobs
+    )
     optimizer.set_reduction(lambda grads: reduce(grads, reduction="mean"))
 
     per_rank = options.global_batch // state.num_processes
     history = []
     for batch in _batches(options.steps, options.global_batch):
         local = {k: v[state.process_index * per_rank : (state.process_index + 1) * per_rank] for k, v in batch.items()}
-        for direction in range(optimizer.num_directions):
-            losses = []
-            for scale in (EPS, -EPS):
-                with perturbed(model, optimizer, direction, scale):
+        losses = []
+        for probe, scale in optimizer.passes():  # every rank runs every pass: each forward all-gathers
+            if probe is None:
+                with unperturbed(model, optimizer):
                     losses.append(model(**local).loss.double())
-            optimizer.accumulate(direction, (losses[0] - losses[1]) / (2 * EPS))
+            else:
+                with perturbed(model, optimizer, probe, scale):
+                    losses.append(model(**local).loss.double())
+        optimizer.accumulate_passes(losses)
         history.append(optimizer.projected_grads().clone())
         optimizer.step()
 

@@ -234,3 +234,68 @@ def test_run_sst2_trains_an_adapter_end_to_end(tiny_mlm_dir, tmp_path, flag):
 def test_run_sst2_rejects_lora_and_prefix_together():
     with pytest.raises(ValueError, match="alternatives"):
         _run_sst2().ModelArguments(lora=True, prefix=True)
+
+
+# ---- the paper's prefix initialization on every prompt class ------------------------------------------------------
+
+
+def _prompt_causal(model_type):
+    from transformers import GPT2Config, LlamaConfig, OPTConfig, Qwen2Config
+
+    from hf_mezo.models import (
+        GPT2ForPromptCausalLM,
+        LlamaForPromptCausalLM,
+        OPTForPromptCausalLM,
+        Qwen2ForPromptCausalLM,
+    )
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=100, hidden_size=16, num_attention_heads=4, max_position_embeddings=64)
+    if model_type == "llama":
+        return LlamaForPromptCausalLM(
+            LlamaConfig(**small, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32)
+        )
+    if model_type == "qwen2":
+        return Qwen2ForPromptCausalLM(
+            Qwen2Config(**small, num_hidden_layers=2, num_key_value_heads=2, intermediate_size=32)
+        )
+    if model_type == "opt":
+        config = OPTConfig(**small, num_hidden_layers=2, ffn_dim=32, word_embed_proj_dim=16, pad_token_id=1)
+        return OPTForPromptCausalLM(config)
+    return GPT2ForPromptCausalLM(GPT2Config(vocab_size=100, n_embd=16, n_head=4, n_layer=2, n_positions=64))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "opt", "gpt2"])
+def test_prefix_of_real_tokens_makes_a_causal_label_word_model_see_those_tokens(model_type):
+    # Before the fix, every causal LM fell back to peft's random prefix ("found 0 attention layers with
+    # `key`/`value` linears"). Independent check: with the prefix set from tokens t, the class logits for x equal
+    # the stock forward of the concatenation [t, x] (a causal LM's t never sees x).
+    model = _prompt_causal(model_type).double().eval()
+    model.set_label_word_ids([7, 11])
+    tokens, x = [5, 17, 42], torch.tensor([[9, 8, 30, 31, 60]])
+    with torch.no_grad():
+        whole = torch.cat([torch.tensor([tokens]), x], dim=1)
+        expected = model(input_ids=whole, attention_mask=torch.ones_like(whole)).logits
+    peft_model = get_peft_model(model, prefix_config_for_mezo(num_virtual_tokens=3))
+    peft_model.prompt_encoder.double()  # peft may keep the prefix in float32: set that rounding aside
+    init_prefix_from_tokens(peft_model, tokens)
+    with torch.no_grad():
+        got = peft_model(input_ids=x, attention_mask=torch.ones_like(x)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_prefix_init_runs_under_a_masked_label_word_head():
+    # Before the fix: "The label-word head needs the mask position of each example", leaked as a warning.
+    from hf_mezo.models import RobertaForPromptMaskedLM
+
+    torch.manual_seed(0)
+    model = RobertaForPromptMaskedLM(tiny_roberta_config())
+    model.set_label_word_ids([7, 11], mask_token_id=4)
+    stock = get_peft_model(_masked_lm(), prefix_config_for_mezo(num_virtual_tokens=3))
+    stock.get_base_model().load_state_dict(model.state_dict(), strict=False)
+    peft_model = get_peft_model(model, prefix_config_for_mezo(num_virtual_tokens=3))
+    init_prefix_from_tokens(peft_model, [5, 17, 42])
+    init_prefix_from_tokens(stock, [5, 17, 42])
+    torch.testing.assert_close(
+        peft_model.prompt_encoder["default"].embedding.weight, stock.prompt_encoder["default"].embedding.weight
+    )

@@ -146,18 +146,54 @@ def test_processes_with_different_seeds_refuse_to_start(tmp_path):
     assert "rank(s) [1] vs [0]" in log
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_a_training_set_that_does_not_divide_by_the_global_batch_is_refused_or_drops_its_tail(tmp_path):
+    # Accelerate fills the last batch of an epoch with rows from its start (even_batches): before the fix, 2 processes
+    # then trained on other data than 1 process, without a word (0.19 max weight difference after a few steps).
+    common = ["--steps", "3", "--num_directions", "1", "--extra_rows", "5"]  # 29 rows, global batch 8
+    refused = _launch("distributed_worker.py", "--out", str(tmp_path / "refused"), *common)
+    assert refused.returncode != 0
+    log = refused.stdout + refused.stderr
+    assert "29 rows, not a multiple of the global batch 8 (4 per device × 2 processes)" in log, log[-3000:]
+    assert "dataloader_drop_last=True" in log
+
+    from .distributed_worker import main
+
+    two = _launch("distributed_worker.py", "--out", str(tmp_path / "two"), *common, "--drop_last")
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
+    one = main(["--out", str(tmp_path / "one"), *common, "--drop_last"])
+    assert _max_difference(_load(tmp_path / "two" / "rank0.pt")["params"], one["params"]) <= 1e-10
+
+
+def test_the_global_batch_condition_counts_rows_per_epoch():
+    from transformers import TrainingArguments
+
+    from hf_mezo.refusals import refuse_uneven_last_batch
+
+    args = TrainingArguments("unused", use_cpu=True, report_to=[])
+    refuse_uneven_last_batch(list(range(24)), args, batch_size=4, num_processes=2)  # divides
+    refuse_uneven_last_batch(list(range(25)), args, batch_size=4, num_processes=1)  # one process: nothing differs
+    with pytest.raises(ValueError, match="25 rows, not a multiple of the global batch 8 .*drops the last 1 row"):
+        refuse_uneven_last_batch(list(range(25)), args, batch_size=4, num_processes=2)
+    args.dataloader_drop_last = True
+    refuse_uneven_last_batch(list(range(25)), args, batch_size=4, num_processes=2)
+
+
 # ---- sharded (FSDP2) -------------------------------------------------------------------------------
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_fsdp2_sharded_run_follows_the_unsharded_trajectory(tmp_path):
+@pytest.mark.parametrize("method", ["mezo", "lozo", "zo_muon"])
+def test_fsdp2_sharded_run_follows_the_unsharded_trajectory(tmp_path, method):
+    """Factored methods too: each rank updates its rows of s·A·Bᵀ, momentum buffers are per rank and equal."""
     from .fsdp_worker import main
 
-    run = _launch("fsdp_worker.py", "--out", str(tmp_path / "sharded"), "--steps", "3")
+    run = _launch("fsdp_worker.py", "--out", str(tmp_path / "sharded"), "--steps", "3", "--method", method)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
     sharded = _load(tmp_path / "sharded" / "result.pt")
-    unsharded = main(["--out", str(tmp_path / "unsharded"), "--steps", "3"])
+    unsharded = main(["--out", str(tmp_path / "unsharded"), "--steps", "3", "--method", method])
 
     # Each process held, perturbed and updated only its rows; together the shards tile every parameter.
     for name, (_, _, numel) in sharded["layouts"][0].items():

@@ -140,3 +140,17 @@ def test_prompt_causal_class_loads_from_gguf(tiny_gguf):
     with torch.no_grad():
         expected = source(ids).logits[:, -1, [5, 9]]
         torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_generic_prompt_class_loads_from_gguf(tiny_gguf):
+    from hf_mezo import AutoModelForPromptCausalLM
+
+    source, path = tiny_gguf
+    model = load_gguf_model(path, AutoModelForPromptCausalLM, label_word_ids=[5, [9, 11]]).eval()
+    assert isinstance(model, LlamaForCausalLM) and model.label_word_ids == [5, [9, 11]]
+    assert getattr(model, "hf_quantizer", None) is None
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        log_probs = torch.log_softmax(source(torch.cat([ids, torch.tensor([[9, 11]])], dim=1)).logits[0], dim=-1)
+        expected = torch.stack([log_probs[6, 5], (log_probs[6, 9] + log_probs[7, 11]) / 2])
+        torch.testing.assert_close(model(input_ids=ids).logits[0], expected, rtol=1e-5, atol=1e-5)

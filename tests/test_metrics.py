@@ -184,3 +184,30 @@ def test_label_word_head_and_stock_mlm_give_the_same_eval_through_the_trainer(tm
         results[name] = (output.predictions.argmax(-1).tolist(), output.metrics["test_accuracy"])
     assert results["head"] == results["stock"]
     assert 0 < sum(results["stock"][0]) < len(rows)
+
+
+def test_more_than_two_classes_report_macro_f1_not_the_binary_f1_of_class_1():
+    # Before the fix, 5 classes with 5 label words reported `f1` = the binary F1 of class 1.
+    rng = np.random.default_rng(3)
+    label_word_ids = [5, 9, 14, 22, 30]
+    class_logits = rng.normal(size=(40, 5))
+    classes = rng.integers(0, 5, 40)
+    classes[:3] = 4  # every class present
+    compute_metrics, _ = build_compute_metrics(label_word_ids)
+    scores = compute_metrics(EvalPrediction(class_logits, classes))
+    predictions = class_logits.argmax(-1)
+    per_class = []
+    for c in range(5):  # hand count, one-vs-rest
+        tp = int(np.sum((predictions == c) & (classes == c)))
+        fp = int(np.sum((predictions == c) & (classes != c)))
+        fn = int(np.sum((predictions != c) & (classes == c)))
+        per_class.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    assert set(scores) == {"accuracy", "macro_f1"}
+    assert scores["accuracy"] == pytest.approx(float(np.mean(predictions == classes)), abs=1e-12)
+    assert scores["macro_f1"] == pytest.approx(float(np.mean(per_class)), abs=1e-12)
+    sklearn = pytest.importorskip("sklearn.metrics")
+    expected = sklearn.f1_score(classes, predictions, average="macro", labels=range(5), zero_division=0)
+    assert scores["macro_f1"] == pytest.approx(expected, abs=1e-12)
+    # A class never predicted nor present still counts (F1 0), as with labels=range(C).
+    few = build_compute_metrics(label_word_ids)[0](EvalPrediction(np.eye(5)[[0, 1, 1]], np.array([0, 1, 0])))
+    assert few["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 5, abs=1e-12)

@@ -1,6 +1,7 @@
 """Causal prompting: CausalPromptTemplate and VerbalizerDataCollator(causal=True), with a GPT-2-style BPE tokenizer
 (roberta-base's vocabulary and merges, no mask token) and a tiny prompt causal LM."""
 
+import copy
 import json
 
 import pytest
@@ -141,3 +142,103 @@ def test_collator_without_pad_token_says_how_to_set_one():
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match="pad_token = tokenizer.eos_token"):
         VerbalizerDataCollator(tokenizer, "{sentence} It was", ["terrible", "great"])
+
+
+def _tiny_llama(vocab_size=50265):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def test_stock_causal_lm_with_the_causal_collator_is_refused_before_any_work(tmp_path):
+    """The issue's report: a stock causal LM reads the collator's class-index labels as token labels and dies in
+    torch. MeZOTrainer now refuses it up front, naming the generic class, and checks the label words match."""
+    from datasets import Dataset
+
+    from hf_mezo import AutoModelForPromptCausalLM, MeZOTrainer
+
+    from .conftest import mezo_args
+
+    collator = VerbalizerDataCollator(gpt2_style_tokenizer(), "{sentence} It was", ["terrible", "great"])
+    rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    stock = _tiny_llama()
+    with pytest.raises(ValueError, match="Expected input batch_size"):  # what users saw
+        stock(**collator(rows))
+    data = Dataset.from_list(rows)
+    args = mezo_args(tmp_path, remove_unused_columns=False, per_device_train_batch_size=4)
+    with pytest.raises(ValueError, match=r"AutoModelForPromptCausalLM\.from_pretrained"):
+        MeZOTrainer(model=stock, args=args, train_dataset=data, data_collator=collator)
+    model = AutoModelForPromptCausalLM.from_model(stock, label_word_ids=[GREAT, TERRIBLE])
+    with pytest.raises(ValueError, match="would score other words"):
+        MeZOTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    model.set_label_word_ids(collator.verbalizer.label_word_ids)
+    trainer = MeZOTrainer(model=model, args=args, train_dataset=data, data_collator=collator)
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
+def test_multi_token_label_words_from_words_to_scores():
+    """A causal collator keeps a word the tokenizer splits; the generic causal LM scores it as the mean log-probability
+    of its tokens after the prompt, which is checked here on the text: the stock model on "<prompt> <word>" alone."""
+    from hf_mezo import AutoModelForPromptCausalLM
+
+    tokenizer = gpt2_style_tokenizer()
+    words = ["terrible", "marvellousness"]
+    collator = VerbalizerDataCollator(tokenizer, "{sentence} It was", words)
+    marvellousness = tokenizer(" marvellousness", add_special_tokens=False)["input_ids"]
+    assert len(marvellousness) > 1 and collator.verbalizer.label_word_ids == [TERRIBLE, marvellousness]
+    assert collator.verbalizer.multi_token
+    stock = _tiny_llama()
+    model = AutoModelForPromptCausalLM.from_model(
+        copy.deepcopy(stock), label_word_ids=collator.verbalizer.label_word_ids
+    )
+    rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
+    with torch.no_grad():
+        scores = model(**collator(rows)).logits
+        for i, row in enumerate(rows):
+            prompt = row["sentence"].strip() + " It was"
+            n = len(tokenizer(prompt)["input_ids"])
+            for c, word in enumerate(words):
+                ids = torch.tensor([tokenizer(prompt + " " + word)["input_ids"]])
+                log_probs = torch.log_softmax(stock(input_ids=ids).logits[0], dim=-1)
+                expected = torch.stack([log_probs[j - 1, ids[0, j]] for j in range(n, ids.shape[1])]).mean()
+                torch.testing.assert_close(scores[i, c], expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="multi-token label words; a masked LM"):
+        VerbalizerDataCollator(
+            tokenizer, "{sentence} It was {mask}.", Verbalizer(words, tokenizer, multi_token=True), causal=False
+        )
+
+
+def test_multi_token_words_through_the_trainers_evaluation(tmp_path):
+    """Evaluation with build_compute_metrics(verbalizer) on multi-token words: accuracy of the argmax of the scores."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    from hf_mezo import AutoModelForPromptCausalLM, build_compute_metrics
+
+    tokenizer = gpt2_style_tokenizer()
+    collator = VerbalizerDataCollator(tokenizer, "{sentence} It was", ["marvellousness", "great"])
+    model = AutoModelForPromptCausalLM.from_model(_tiny_llama(), label_word_ids=collator.verbalizer.label_word_ids)
+    rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTENCES * 2)]
+    compute_metrics, preprocess = build_compute_metrics(collator.verbalizer)
+    trainer = Trainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(tmp_path), per_device_eval_batch_size=3, remove_unused_columns=False, report_to="none"
+        ),
+        data_collator=collator,
+        compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=preprocess,
+    )
+    metrics = trainer.evaluate(eval_dataset=Dataset.from_list(rows))
+    with torch.no_grad():
+        predictions = [int(model(**collator([row])).logits.argmax(-1)) for row in rows]
+    accuracy = sum(p == row["label"] for p, row in zip(predictions, rows)) / len(rows)
+    assert metrics["eval_accuracy"] == pytest.approx(accuracy, abs=1e-12)

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, RobertaModel
+from transformers import AutoModelForMaskedLM, AutoTokenizer, RobertaForMaskedLM, RobertaModel, TrainingArguments
 
+from hf_mezo import MeZOConfig
 from hf_mezo.data import load_sst2
 from hf_mezo.prompting import Verbalizer
 
@@ -132,6 +133,29 @@ def test_help_documents_the_paper_hyper_parameters(capsys):
         assert setting in text
     assert "--lr_scheduler_type constant" in text and "--eval_steps 10000" in text
     assert "--trainer {mezo,ft}" in text
+    # The multi-process command keeps the paper's global batch of 64: 8 per device on multi_gpu.yaml's 8 processes.
+    launch = text[text.index("accelerate launch --config_file accelerate_configs/multi_gpu.yaml") :]
+    assert "--per_device_train_batch_size 8" in launch.split("\n\n")[0]
+    assert "num_processes: 8" in (REPO / "accelerate_configs" / "multi_gpu.yaml").read_text()
+
+
+def test_ft_parses_the_stock_training_arguments():
+    # Before the fix, --trainer ft parsed MeZOConfig: max_grad_norm 0 (no clipping for the backprop baseline), and
+    # --max_grad_norm/--optim/--fp16 were refused with MeZO's messages.
+    script = _import_script()
+    common = ["--output_dir", "unused", "--use_cpu"]
+    _, _, ft = script.parse_args(["--trainer", "ft", *common])
+    assert (
+        type(ft).__mro__[1] is TrainingArguments and ft.max_grad_norm == 1.0 and ft.optim.value == "adamw_torch_fused"
+    )
+    _, _, ft = script.parse_args(["--trainer", "ft", *common, "--max_grad_norm", "0.5", "--optim", "adafactor"])
+    assert (ft.max_grad_norm, ft.optim.value) == (0.5, "adafactor")
+    _, _, ft = script.parse_args(["--trainer", "ft", *common, "--zo_train_top_layers", "1"])
+    assert ft.zo_train_top_layers == 1
+    with pytest.raises(ValueError, match="--zo_eps"):  # a MeZO-only flag is not silently ignored
+        script.parse_args(["--trainer", "ft", *common, "--zo_eps", "1e-3"])
+    _, _, mezo = script.parse_args(["--trainer", "mezo", *common])
+    assert isinstance(mezo, MeZOConfig) and mezo.max_grad_norm == 0.0
 
 
 def test_checkpoint_without_mlm_head_gets_a_new_head_with_a_warning(tmp_path, caplog):

@@ -50,7 +50,8 @@ def test_zo_fields_are_defined_once_and_parse_with_hf_argument_parser(tmp_path):
     from hf_mezo.config import ZO_DEFAULTS
 
     zo_names = {f.name for f in dataclasses.fields(ZerothOrderArguments)}
-    assert zo_names == set(ZO_DEFAULTS) | {"max_grad_norm"}  # MeZO's 0: no gradient to clip
+    # MeZO's max_grad_norm 0 (no gradient to clip) and gradient_checkpointing unset (no backward pass to checkpoint)
+    assert zo_names == set(ZO_DEFAULTS) | {"max_grad_norm", "gradient_checkpointing"}
     assert "zo_eps" not in MeZOConfig.__dict__.get("__annotations__", {})  # inherited, not copied
     (config,) = HfArgumentParser(MeZOConfig).parse_args_into_dataclasses(
         ["--output_dir", str(tmp_path), "--zo_eps", "0.02", "--zo_num_directions", "3", "--use_cpu", "true"]
@@ -249,19 +250,18 @@ def test_sft_resume_is_bit_identical(tmp_path):
         assert torch.equal(p, q), n
 
 
-def test_trl_trainers_mezo_cannot_make_exact_are_refused_before_any_work(tmp_path):
+def test_trl_trainers_mezo_cannot_make_exact_are_refused_when_the_class_is_defined():
     from trl import DPOTrainer, SFTTrainer
 
-    class MeZODPO(MeZOMixin, DPOTrainer):
-        pass
-
-    class PlainMixinSFT(MeZOMixin, SFTTrainer):
-        pass
-
     with pytest.raises(TypeError, match="DPOTrainer"):
-        MeZODPO(model=None, args=mezo_args(tmp_path))
+
+        class MeZODPO(MeZOMixin, DPOTrainer):
+            pass
+
     with pytest.raises(TypeError, match="MeZOSFTTrainer"):
-        PlainMixinSFT(model=None, args=mezo_args(tmp_path))
+
+        class PlainMixinSFT(MeZOMixin, SFTTrainer):
+            pass
 
 
 # ---- Seq2SeqTrainer -----------------------------------------------------------------------------------

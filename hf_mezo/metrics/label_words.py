@@ -42,7 +42,10 @@ def load_sst2_metric(**kwargs: Any):
 
 def _label_word_ids(label_word_ids: Sequence[int] | Any) -> list[int]:
     ids = getattr(label_word_ids, "token_ids", label_word_ids)  # a Verbalizer, or the ids themselves
-    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    # A multi-token word (a causal LM's, scored as class logits) is kept as a tuple: it only names its class.
+    ids = [
+        tuple(i) if isinstance(i, (list, tuple)) else int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)
+    ]
     if len(ids) < 2 or len(set(ids)) != len(ids):
         raise ValueError(f"label_word_ids must be at least 2 distinct token ids, one per class; got {ids}.")
     return ids
@@ -132,7 +135,7 @@ def build_compute_metrics(
     Args:
         label_word_ids: one token id per class, in class order, or a `Verbalizer`.
         metric: an `evaluate` module taking ``predictions`` and ``references`` class indices;
-            default: the local SST-2 metric (accuracy, f1).
+            default: the local SST-2 metric (accuracy and F1 for 2 classes; accuracy and macro_f1 for more).
 
     Usage::
 
@@ -143,6 +146,8 @@ def build_compute_metrics(
     words only, i.e. the argmax of the renormalized label-word distribution).
     """
     ids = _label_word_ids(label_word_ids)
+    # The local metric is told the class count: binary F1 for 2 classes, macro-F1 for more (not class 1's F1).
+    extra = {"num_classes": len(ids)} if metric is None else {}
     metric = load_sst2_metric() if metric is None else metric
 
     def preprocess_logits_for_metrics(logits: Any, labels: Any) -> torch.Tensor:
@@ -152,6 +157,6 @@ def build_compute_metrics(
         logits = label_word_logits(eval_pred.predictions, eval_pred.label_ids, ids)
         predictions = np.asarray(logits).argmax(-1)
         references = class_indices(eval_pred.label_ids, ids)
-        return metric.compute(predictions=predictions, references=references)
+        return metric.compute(predictions=predictions, references=references, **extra)
 
     return compute_metrics, preprocess_logits_for_metrics

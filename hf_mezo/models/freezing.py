@@ -4,9 +4,27 @@ from __future__ import annotations
 
 from torch import nn
 
-# Where each family keeps its layer stack, relative to `model.base_model`, and its final norm(s) beside it.
+from .families import family_layout
+
+# For a family the table (`families.FAMILY_LAYOUTS`) lacks: the usual names of a layer stack, relative to
+# `model.base_model`, and of the final norm(s) beside it.
 _STACKS = ("encoder.layer", "layers", "decoder.layers", "h")
 _FINAL_MODULES = ("norm", "final_layer_norm", "project_out", "ln_f")
+
+
+def _stack_and_final(model: nn.Module) -> tuple[nn.ModuleList, list[nn.Module]] | None:
+    """The layer stack and the final modules that feed the head: from the family table, else found by the
+    structural names below (a family the table lacks)."""
+    found = family_layout(model, quiet=True)
+    if found is not None:
+        return found
+    owner_and_layers = _stack_owner(model)
+    if owner_and_layers is None:
+        return None
+    owner, layers = owner_and_layers
+    if owner is getattr(model.base_model, "encoder", None):  # an encoder: nothing after the stack feeds the head
+        return layers, []
+    return layers, [m for name in _FINAL_MODULES if isinstance(m := getattr(owner, name, None), nn.Module)]
 
 
 def _stack_owner(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
@@ -24,7 +42,7 @@ def _stack_owner(model: nn.Module) -> tuple[nn.Module, nn.ModuleList] | None:
 def encoder_layers(model: nn.Module) -> nn.ModuleList:
     """The layer stack of a `transformers` model: a BERT-family encoder (`base_model.encoder.layer`) or a
     decoder-only LM (Llama/Qwen2/Mistral `model.layers`, OPT `model.decoder.layers`, GPT-2 `transformer.h`)."""
-    found = _stack_owner(model)
+    found = _stack_and_final(model)
     if found is None:
         raise TypeError(
             f"{type(model).__name__} has no layer stack hf_mezo knows (base_model.encoder.layer, base_model.layers, "
@@ -32,7 +50,7 @@ def encoder_layers(model: nn.Module) -> nn.ModuleList:
             "BERT-family encoder or a Llama/Qwen2/OPT/GPT-2 decoder. For a peft model, restrict the adapter "
             "instead: LoraConfig(layers_to_transform=[...])."
         )
-    return found[1]
+    return found[0]
 
 
 def freeze_all_but_top_layers(model: nn.Module, k: int) -> list[str]:
@@ -57,7 +75,7 @@ def freeze_all_but_top_layers(model: nn.Module, k: int) -> list[str]:
         k: number of top layers to train, 0 ≤ k ≤ number of layers (0: the head only).
     """
     layers = encoder_layers(model)
-    owner, _ = _stack_owner(model)
+    _, final = _stack_and_final(model)
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= len(layers):
         raise ValueError(f"k must be an integer in [0, {len(layers)}] (the number of top layers to train), got {k!r}.")
     prefix = model.base_model_prefix + "."
@@ -65,11 +83,8 @@ def freeze_all_but_top_layers(model: nn.Module, k: int) -> list[str]:
     model.requires_grad_(False)
     for layer in layers[len(layers) - k :]:
         layer.requires_grad_(True)
-    if owner is not getattr(model.base_model, "encoder", None):  # a decoder: its final norm feeds the head
-        for name in _FINAL_MODULES:
-            module = getattr(owner, name, None)
-            if isinstance(module, nn.Module):
-                module.requires_grad_(True)
+    for module in final:  # a decoder's final norm (and OPT's project_out) feeds the head
+        module.requires_grad_(True)
     # named_parameters() lists a tied parameter once, under whichever owner registered first (XLM-R registers the
     # head first), so the tied decoder weight is recognized by identity, not by name.
     for name, param in model.named_parameters():

@@ -60,23 +60,58 @@ class LabelWordDecoder(nn.Linear):
         return F.linear(hidden, self.weight[self.active_rows], bias)
 
 
-def validate_label_word_ids(label_word_ids: Sequence[int] | None, vocab_size: int) -> list[int] | None:
-    """The label-word ids as a list of ints (one per class), or None; raises on anything else."""
+def validate_label_word_ids(
+    label_word_ids: Sequence[int | Sequence[int]] | None, vocab_size: int, multi_token: bool = False
+) -> list[int | list[int]] | None:
+    """The label words as a list (one entry per class), or None; raises on anything else.
+
+    An entry is one token id, or with `multi_token` a sequence of token ids (a word the tokenizer splits); a
+    one-element sequence is stored as its id, so single-token words always read as ints.
+    """
     if label_word_ids is None:
         return None
     if isinstance(label_word_ids, torch.Tensor):
         label_word_ids = label_word_ids.tolist()
-    ids = list(label_word_ids)
-    if len(ids) < 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    entries = []
+    for entry in label_word_ids:
+        if isinstance(entry, torch.Tensor):
+            entry = entry.tolist()
+        if isinstance(entry, Sequence) and not isinstance(entry, str) and len(entry) == 1:
+            entry = entry[0]
+        if isinstance(entry, Sequence) and not isinstance(entry, str):
+            entry = list(entry)
+        entries.append(entry)
+
+    def is_id(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    well_formed = len(entries) >= 2 and all(
+        is_id(e) or (isinstance(e, list) and len(e) > 1 and all(is_id(i) for i in e)) for e in entries
+    )
+    if not well_formed:
         raise ValueError(
-            f"label_word_ids must be a sequence of at least two token ids (one label word per class), got "
-            f"{label_word_ids!r}; e.g. tokenizer.convert_tokens_to_ids(['Ġterrible', 'Ġgreat'])."
+            f"label_word_ids must be a sequence of at least two label words (one per class), each a token id"
+            f"{' or a list of token ids' if multi_token else ''}, got {label_word_ids!r}; e.g. "
+            "tokenizer.convert_tokens_to_ids(['Ġterrible', 'Ġgreat'])."
         )
-    if not all(0 <= i < vocab_size for i in ids):
-        raise ValueError(f"label_word_ids {ids} must lie in [0, vocab_size={vocab_size}).")
-    if len(set(ids)) != len(ids):
-        raise ValueError(f"label_word_ids {ids} repeat a token: each class needs its own label word.")
-    return ids
+    multi = [e for e in entries if isinstance(e, list)]
+    if multi and not multi_token:
+        raise ValueError(
+            f"label_word_ids {entries} hold multi-token words {multi}, which this model cannot score: it reads one "
+            "vocabulary id per class. A causal LM scores multi-token words with hf_mezo.AutoModelForPromptCausalLM; "
+            "otherwise pick label words the tokenizer keeps whole."
+        )
+    flat = [i for e in entries for i in (e if isinstance(e, list) else [e])]
+    if not all(0 <= i < vocab_size for i in flat):
+        raise ValueError(f"label_word_ids {entries} must lie in [0, vocab_size={vocab_size}).")
+    if len({tuple(e) if isinstance(e, list) else e for e in entries}) != len(entries):
+        raise ValueError(f"label_word_ids {entries} repeat a label word: each class needs its own.")
+    return entries
+
+
+def is_multi_token(label_word_ids: Sequence[int | Sequence[int]] | None) -> bool:
+    """Whether some class's label word is several tokens."""
+    return label_word_ids is not None and any(not isinstance(e, int) for e in label_word_ids)
 
 
 def find_mask_positions(

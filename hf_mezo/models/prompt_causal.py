@@ -1,4 +1,4 @@
-"""Prompt causal LMs for MeZO: Llama (SmolLM2, Mistral-style), Qwen2, OPT and GPT-2 with a label-word head.
+"""Prompt causal LMs for MeZO: Llama (SmolLM2), Qwen2, OPT and GPT-2 with a label-word head and their fast paths.
 
 MeZO's headline setting (OPT, `large_models/`): SST-2 as ``"<sentence> It was"``, classified by the next-token
 logits of the label words (" terrible" / " great") at the prompt's last token, with a cross-entropy over those
@@ -104,6 +104,28 @@ class PromptCausalLMMixin(SharedPrefixMixin, PromptLMMixin):
     """
 
     _lm_head_name = "lm_head"
+    _model_types: tuple[str, ...] = ()  # the `model_type`s whose forward this class reproduces layer by layer
+    _sliding_layers = False  # whether it builds sliding-window masks (from `config.layer_types`)
+
+    def _check_family(self) -> None:
+        """Refuse a config this class would compute differently from the stock model: another family's checkpoint
+        (a Mistral checkpoint loads into `LlamaForPromptCausalLM` without a key error) or attention windows the
+        class does not build. The generic `AutoModelForPromptCausalLM` runs that family's own forward."""
+        model_type = getattr(self.config, "model_type", None)
+        window = getattr(self.config, "sliding_window", None)
+        layer_types = getattr(self.config, "layer_types", None) or ()
+        sliding = "sliding_attention" in layer_types or (window is not None and not layer_types)
+        if model_type not in self._model_types or (sliding and not self._sliding_layers):
+            raise ValueError(
+                f"{type(self).__name__} reproduces the {'/'.join(self._model_types)} forward layer by layer; this "
+                f"config is model_type {model_type!r} (sliding_window={window!r}), which it would compute "
+                "differently. Load it with hf_mezo.AutoModelForPromptCausalLM.from_pretrained(path, "
+                "label_word_ids=...), which runs the family's own forward."
+            )
+
+    def _init_prompt_lm(self, *args, **kwargs) -> None:
+        self._check_family()
+        super()._init_prompt_lm(*args, **kwargs)
 
     def _decoder(self) -> nn.Module:
         raise NotImplementedError
@@ -349,15 +371,24 @@ class _RotaryDecoderMixin(PromptCausalLMMixin):
 
 
 class LlamaForPromptCausalLM(_RotaryDecoderMixin, LlamaForCausalLM):
-    """`LlamaForCausalLM` (Llama, SmolLM2, and LLaMA-style checkpoints) with a label-word head and a depth cache."""
+    """`LlamaForCausalLM` (Llama, SmolLM2) with a label-word head and a depth cache.
+
+    Checkpoints of other families (Mistral, ...) are refused: use `AutoModelForPromptCausalLM`."""
+
+    _model_types = ("llama",)
 
 
 class Qwen2ForPromptCausalLM(_RotaryDecoderMixin, Qwen2ForCausalLM):
     """`Qwen2ForCausalLM` with a label-word head and a depth cache (sliding-window layers keep their masks)."""
 
+    _model_types = ("qwen2",)
+    _sliding_layers = True
+
 
 class OPTForPromptCausalLM(PromptCausalLMMixin, OPTForCausalLM):
     """`OPTForCausalLM` (the MeZO paper's model) with a label-word head and a depth cache."""
+
+    _model_types = ("opt",)
 
     def _decoder(self) -> nn.Module:
         return self.model.decoder
@@ -388,6 +419,8 @@ class OPTForPromptCausalLM(PromptCausalLMMixin, OPTForCausalLM):
 
 class GPT2ForPromptCausalLM(PromptCausalLMMixin, GPT2LMHeadModel):
     """`GPT2LMHeadModel` with a label-word head and a depth cache."""
+
+    _model_types = ("gpt2",)
 
     def _decoder(self) -> nn.Module:
         return self.transformer

@@ -87,6 +87,13 @@ class PromptLMMixin:
         **kwargs,
     ):
         super().__init__(config, *args, **kwargs)
+        self._init_prompt_lm(label_word_ids, mask_token_id, depth_cache_max_bytes)
+
+    def _init_prompt_lm(
+        self, label_word_ids: Sequence | None, mask_token_id: int | None, depth_cache_max_bytes: int
+    ) -> None:
+        """The prompt-LM state on top of a built stock model (also what wrapping an existing model runs)."""
+        config = self.config
         self._wrap_decoder()
         self.depth_cache = DepthCache(depth_cache_max_bytes)
         self._label_word_tensors: dict[torch.device, torch.Tensor] = {}
@@ -110,12 +117,18 @@ class PromptLMMixin:
         """The label word of each class (vocabulary ids), or None for the stock full-vocabulary head."""
         return getattr(self.config, "label_word_ids", None)
 
-    def set_label_word_ids(self, label_word_ids: Sequence[int] | None, mask_token_id: int | None = None) -> None:
-        """Switch the head to class logits over `label_word_ids` (one id per class); None restores the stock head.
+    # Whether a class's label word may be several tokens (the generic causal LM scores them; the others refuse).
+    _multi_token_label_words = False
+
+    def set_label_word_ids(self, label_word_ids: Sequence | None, mask_token_id: int | None = None) -> None:
+        """Switch the head to class logits over `label_word_ids` (one label word per class); None restores the
+        stock head. A label word is one token id (or, where the class scores them, a list of token ids).
 
         Both values are stored in the config, so they are saved with the model and restored by `from_pretrained`.
         """
-        self.config.label_word_ids = validate_label_word_ids(label_word_ids, self.config.vocab_size)
+        self.config.label_word_ids = validate_label_word_ids(
+            label_word_ids, self.config.vocab_size, multi_token=self._multi_token_label_words
+        )
         if mask_token_id is not None:
             if not isinstance(mask_token_id, int) or not 0 <= mask_token_id < self.config.vocab_size:
                 raise ValueError(

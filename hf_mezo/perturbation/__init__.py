@@ -28,12 +28,12 @@ from .low_rank import low_rank_forward
 from .module_swap import swapping
 from .plan import Plan, plan_for
 from .reads import ReadMonitor
-from .sharded import sharded
+from .sharded import resharded, sharded
 from .state import PassState, PerturbationError
 from .streamed import streaming
 from .whole_forward import held
 
-__all__ = ["PerturbationError", "check_perturbable", "perturbed", "perturbed_forward"]
+__all__ = ["PerturbationError", "check_perturbable", "perturbed", "perturbed_forward", "unperturbed"]
 
 
 def check_perturbable(model: nn.Module, named_trainable: list[tuple[str, nn.Parameter]]) -> None:
@@ -91,6 +91,18 @@ def perturbed(model: nn.Module, optimizer, direction: int, scale: float) -> Iter
     if monitor is not None and state.touched:
         plan.learn(monitor.outside, state.module_runs, names)
         _warn_unread(plan, trainable, names, monitor.read | state.touched)
+
+
+@contextlib.contextmanager
+def unperturbed(model: nn.Module, optimizer) -> Iterator[None]:
+    """Within the block, forwards of `model` see θ itself (the unperturbed pass of one-sided estimators), under
+    no_grad; an FSDP2-sharded model is resharded around it as around a perturbed pass."""
+    with torch.no_grad():
+        if any(is_sharded(p) for _, p, _ in optimizer.named_trainable_parameters()):
+            with resharded(model):
+                yield
+        else:
+            yield
 
 
 def _warn_unread(plan: Plan, trainable: list[nn.Parameter], names: dict[int, str], read: set[int]) -> None:

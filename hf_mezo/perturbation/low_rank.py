@@ -42,22 +42,28 @@ def low_rank_forward(module: nn.Module, state: PassState) -> Callable[..., torch
     optimizer, direction, scale = state.optimizer, state.direction, state.scale
     weight = module.weight
 
-    def factors() -> tuple[torch.Tensor, torch.Tensor]:
+    def factors() -> tuple[torch.Tensor, torch.Tensor, float]:
         state.touched.add(id(weight))
         with state.internal_reads():
             left, right, s = optimizer.factors(weight, direction)
-        return left * (scale * s), right
+        return left, right, scale * s
 
     def linear(x: torch.Tensor) -> torch.Tensor:
-        left, right = factors()
+        left, right, alpha = factors()
         y = F.linear(x, weight, module.bias)
-        return y + F.linear(F.linear(x, right.t().to(x.dtype)), left.to(x.dtype))
+        if y.dtype != left.dtype or not y.is_contiguous():  # autocast: add in the output's dtype
+            return y + F.linear(F.linear(x, right.t().to(x.dtype)), left.to(x.dtype)) * alpha
+        # In place, one (tokens × r) temporary: no second output-sized tensor (the vocabulary head's is the largest).
+        y.view(-1, y.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]).to(right.dtype) @ right, left.t(), alpha=alpha)
+        return y
 
     def embedding(ids: torch.Tensor) -> torch.Tensor:
-        left, right = factors()
+        left, right, alpha = factors()
         out = F.embedding(
             ids, weight, module.padding_idx, None, module.norm_type, module.scale_grad_by_freq, module.sparse
         )
-        return out + F.embedding(ids, left).matmul(right.t()).to(out.dtype)
+        rows = F.embedding(ids.reshape(-1), left)
+        out.view(-1, out.shape[-1]).addmm_(rows, right.t().to(rows.dtype), alpha=alpha)
+        return out
 
     return embedding if type(module) is nn.Embedding else linear

@@ -82,3 +82,17 @@ def sharded(model: nn.Module, trainable: list[nn.Parameter], state: PassState) -
             gathered.data = values
         for module in fsdp_modules:
             module.reshard()
+
+
+@contextlib.contextmanager
+def resharded(model: nn.Module) -> Iterator[None]:
+    """An unperturbed pass of an FSDP2 model: resharded on entry and exit like a perturbed one, so that the root's
+    gathered copies from before the last update are not reused (one-sided estimators' θ pass)."""
+    fsdp_modules = _fsdp_modules(model)
+    for module in fsdp_modules:
+        module.reshard()
+    try:
+        yield
+    finally:
+        for module in fsdp_modules:
+            module.reshard()

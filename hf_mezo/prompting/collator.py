@@ -75,7 +75,14 @@ class VerbalizerDataCollator:
         self.causal = causal
         template_class = CausalPromptTemplate if causal else PromptTemplate
         self.template = template if type(template) is template_class else template_class(template)
-        self.verbalizer = verbalizer if isinstance(verbalizer, Verbalizer) else Verbalizer(verbalizer, tokenizer)
+        if not isinstance(verbalizer, Verbalizer):  # a causal LM can score multi-token words; a masked LM cannot
+            verbalizer = Verbalizer(verbalizer, tokenizer, multi_token=causal)
+        if not causal and verbalizer.multi_token:
+            raise ValueError(
+                f"{verbalizer!r} has multi-token label words; a masked LM scores one token at the mask. Pick words "
+                "the tokenizer keeps whole, or use a causal LM (causal=True)."
+            )
+        self.verbalizer = verbalizer
         if max_length is None and tokenizer.model_max_length < _NO_LIMIT:
             max_length = tokenizer.model_max_length
         if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
@@ -101,6 +108,36 @@ class VerbalizerDataCollator:
         if max_length is not None:
             # Fails now, not at the first batch, if the template alone does not fit.
             self.template.encode(tokenizer, "", max_length)
+
+    def check_model(self, model) -> None:
+        """Refuse, before any work, a model that would misread this collator's batches.
+
+        A causal batch's ``labels`` are class indices (batch,): a stock ``*ForCausalLM`` would take them for token
+        labels and fail inside torch (``Expected input batch_size (40) to match target batch_size (4)``). A prompt
+        LM whose label words are not the verbalizer's would score other words. `MeZOTrainer` calls this with its
+        model and data collator.
+        """
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's base
+        base = getattr(base, "module", base)  # a DDP / DataParallel wrapper
+        label_word_ids = getattr(base, "label_word_ids", None)
+        if not hasattr(base, "set_label_word_ids"):
+            if not self.causal:
+                return  # a stock masked LM reads MLM labels: its own full-vocabulary loss at the mask
+            raise ValueError(
+                f"VerbalizerDataCollator(causal=True) returns class-index `labels` (batch,), which "
+                f"{type(base).__name__} would read as token labels. Load the model as a prompt LM, which scores the "
+                "classes by their label words: hf_mezo.AutoModelForPromptCausalLM.from_pretrained(path, "
+                "label_word_ids=collator.verbalizer.label_word_ids) (or .from_model(model, label_word_ids=...))."
+            )
+        expected = list(self.verbalizer.label_word_ids)
+        if label_word_ids is None and not self.causal:
+            return  # a prompt masked LM without label words is the stock one
+        if label_word_ids is None or list(label_word_ids) != expected:
+            raise ValueError(
+                f"{type(base).__name__} has label words {label_word_ids}, but the collator's verbalizer "
+                f"{self.verbalizer!r} has {expected}: the model would score other words. Call "
+                "model.set_label_word_ids(collator.verbalizer.label_word_ids)."
+            )
 
     def __repr__(self) -> str:
         return (

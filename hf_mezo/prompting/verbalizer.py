@@ -1,7 +1,8 @@
-"""`Verbalizer`: label → label word → token id, checked once against the tokenizer.
+"""`Verbalizer`: label → label word → token id(s), checked once against the tokenizer.
 
-The model classifies by comparing its mask-position logits for one word per class. That only works
-if each label word is exactly one token of the model's vocabulary, and the token must be the one
+A masked LM classifies by comparing its mask-position logits for one word per class. That only works
+if each label word is exactly one token of the model's vocabulary (a causal LM can also score a word
+the tokenizer splits: `multi_token=True`), and the token must be the one
 that appears after a space in running text: RoBERTa's BPE has ' great' (372) and 'great' (12338) as
 different tokens, and the prompt "... It was<mask>." puts the space inside the label word. So a
 word is encoded with a leading space by default (as LM-BFF and MeZO do); WordPiece and SentencePiece
@@ -58,17 +59,19 @@ def parse_label_words(label_words: Mapping[Any, str] | Sequence[str] | str) -> l
 
 
 class Verbalizer:
-    """Maps each class label to a single-token label word.
+    """Maps each class label to its label word (one token, or with `multi_token` possibly several).
 
     Args:
         label_words: ``{label: word}``, a list of words (label = position), or a string of either,
             e.g. LM-BFF's ``"{'0':'terrible','1':'great'}"``.
-        tokenizer: the model's tokenizer; each word must be exactly one (known) token of it.
+        tokenizer: the model's tokenizer; each word must be (known) tokens of it.
         prefix_space: encode each word with a leading space, as it appears after the template text.
+        multi_token: accept words the tokenizer splits (a causal LM scores them by their mean token
+            log-probability, `hf_mezo.AutoModelForPromptCausalLM`); by default each word must be exactly one token.
 
     Classes are ordered by label value when every label is an integer (so class index == label for
     SST-2's 0/1), otherwise in the order given. `class_index` accepts a label in any spelling
-    (1, '1', a numpy integer).
+    (1, '1', a numpy integer). `label_word_ids` is what a prompt LM takes: per class a token id, or a list of ids.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class Verbalizer:
         tokenizer: PreTrainedTokenizerBase,
         *,
         prefix_space: bool = True,
+        multi_token: bool = False,
     ):
         pairs = [(_canonical(label), word) for label, word in parse_label_words(label_words)]
         if all(isinstance(label, int) and not isinstance(label, bool) for label, _ in pairs):
@@ -87,7 +91,9 @@ class Verbalizer:
         self.labels: tuple[Any, ...] = tuple(labels)
         self.words: tuple[str, ...] = tuple(word for _, word in pairs)
         self.prefix_space = prefix_space
-        self.token_ids: tuple[int, ...] = tuple(self._single_token_id(tokenizer, label, word) for label, word in pairs)
+        encoded = [self._token_ids(tokenizer, label, word, multi_token) for label, word in pairs]
+        # One id per single-token word (as before), a tuple of ids for a word the tokenizer splits.
+        self.token_ids: tuple[int | tuple[int, ...], ...] = tuple(ids[0] if len(ids) == 1 else ids for ids in encoded)
         if len(set(self.token_ids)) != len(self.token_ids):
             raise ValueError(
                 f"label words {list(self.words)} map to token ids {list(self.token_ids)}: two classes share a token, "
@@ -95,22 +101,36 @@ class Verbalizer:
             )
         self._index = {label: i for i, label in enumerate(self.labels)}
 
-    def _single_token_id(self, tokenizer: PreTrainedTokenizerBase, label: Any, word: str) -> int:
+    @property
+    def multi_token(self) -> bool:
+        """Whether some label word is several tokens."""
+        return any(isinstance(ids, tuple) for ids in self.token_ids)
+
+    @property
+    def label_word_ids(self) -> list[int | list[int]]:
+        """Per class the word's token id, or its list of ids: `model.set_label_word_ids(verbalizer.label_word_ids)`."""
+        return [list(ids) if isinstance(ids, tuple) else ids for ids in self.token_ids]
+
+    def _token_ids(
+        self, tokenizer: PreTrainedTokenizerBase, label: Any, word: str, multi_token: bool
+    ) -> tuple[int, ...]:
         text = " " + word if self.prefix_space and not word[0].isspace() else word
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
+        if not ids or (len(ids) != 1 and not multi_token):
             tokens = tokenizer.convert_ids_to_tokens(ids)
             raise ValueError(
                 f"label word {word!r} (label {label!r}) is {len(ids)} tokens for {type(tokenizer).__name__} "
                 f"{tokenizer.name_or_path!r}: {text!r} -> {tokens} (ids {ids}); a label word must be exactly one "
-                "token. Pick a word the tokenizer keeps whole, e.g. 'great' / 'terrible'."
+                "token here. Pick a word the tokenizer keeps whole, e.g. 'great' / 'terrible', or, for a causal LM, "
+                "pass multi_token=True (VerbalizerDataCollator(causal=True) does) and load the model with "
+                "hf_mezo.AutoModelForPromptCausalLM, which scores a word by its mean token log-probability."
             )
-        if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
             raise ValueError(
-                f"label word {word!r} (label {label!r}) is the unknown token {tokenizer.unk_token!r} for "
+                f"label word {word!r} (label {label!r}) holds the unknown token {tokenizer.unk_token!r} for "
                 f"{type(tokenizer).__name__} {tokenizer.name_or_path!r}; pick a word in its vocabulary."
             )
-        return ids[0]
+        return tuple(ids)
 
     def __repr__(self) -> str:
         mapping = ", ".join(
@@ -135,6 +155,6 @@ class Verbalizer:
                 f"(words {list(self.words)}). Unlabeled rows (e.g. GLUE's test split, label -1) cannot be scored."
             ) from None
 
-    def token_id(self, label: Any) -> int:
-        """The label word's token id for `label`."""
+    def token_id(self, label: Any) -> int | tuple[int, ...]:
+        """The label word's token id for `label` (a tuple of ids for a multi-token word)."""
         return self.token_ids[self.class_index(label)]

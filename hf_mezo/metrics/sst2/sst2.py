@@ -1,4 +1,4 @@
-"""SST-2 metric for `evaluate`, loadable offline: accuracy, plus binary F1 of the positive class.
+"""SST-2 metric for `evaluate`, loadable offline: accuracy, plus F1 (binary for 2 classes, macro otherwise).
 
 `evaluate.load("glue", "sst2")` fetches its script from the hub; this module is the same metric
 (accuracy) from a local path, with F1 added:
@@ -8,6 +8,10 @@
 
 F1 = 2·TP / (2·TP + FP + FN) for `pos_label` (1 = positive); 0.0 when there is no positive
 prediction or reference (the harmonic mean of an undefined precision and recall).
+
+With more than two classes (`num_classes` > 2, or labels beyond 0/1) the binary F1 of one class would
+be a misleading summary, so the module reports `macro_f1` instead: the mean over classes 0 … C−1 of
+each class's one-vs-rest F1 (scikit-learn's `f1_score(average="macro", labels=range(C))`).
 """
 
 import datasets
@@ -24,16 +28,21 @@ _CITATION = """\
 }
 """
 
-_DESCRIPTION = "Accuracy (GLUE's SST-2 metric) and binary F1 of the positive class, for 0/1 sentiment labels."
+_DESCRIPTION = (
+    "Accuracy (GLUE's SST-2 metric) and binary F1 of the positive class for 0/1 labels; accuracy and macro-F1 for "
+    "more classes."
+)
 
 _KWARGS_DESCRIPTION = """
 Args:
     predictions (`list` of `int`): predicted class indices (0 = negative, 1 = positive).
     references (`list` of `int`): gold class indices.
-    pos_label (`int`, default 1): the class whose F1 is reported.
+    pos_label (`int`, default 1): the class whose F1 is reported (two classes).
+    num_classes (`int`, optional): the number of classes; default: 2, or more if the labels go beyond 1.
 Returns:
     accuracy (`float`): fraction of predictions equal to their reference.
-    f1 (`float`): F1 of `pos_label`.
+    f1 (`float`): F1 of `pos_label`, for two classes.
+    macro_f1 (`float`): mean one-vs-rest F1 over all classes, for more than two (instead of `f1`).
 Examples:
     >>> metric = evaluate.load("hf_mezo/metrics/sst2")
     >>> metric.compute(predictions=[1, 0, 1, 1], references=[1, 0, 0, 1])
@@ -54,16 +63,25 @@ class Sst2(evaluate.Metric):
             reference_urls=["https://gluebenchmark.com/", "https://nlp.stanford.edu/sentiment/"],
         )
 
-    def _compute(self, predictions, references, pos_label=1):
+    def _compute(self, predictions, references, pos_label=1, num_classes=None):
         predictions = np.asarray(predictions, dtype=np.int64)
         references = np.asarray(references, dtype=np.int64)
         if predictions.size == 0:
             raise ValueError("SST-2 metric got no predictions.")
-        true_positive = int(np.sum((predictions == pos_label) & (references == pos_label)))
-        false_positive = int(np.sum((predictions == pos_label) & (references != pos_label)))
-        false_negative = int(np.sum((predictions != pos_label) & (references == pos_label)))
-        denominator = 2 * true_positive + false_positive + false_negative
-        return {
-            "accuracy": float(np.mean(predictions == references)),
-            "f1": 2 * true_positive / denominator if denominator else 0.0,
-        }
+        if num_classes is None:
+            num_classes = max(2, int(max(predictions.max(), references.max())) + 1)
+        scores = {"accuracy": float(np.mean(predictions == references))}
+        if num_classes == 2:
+            scores["f1"] = _f1(predictions, references, pos_label)
+        else:
+            scores["macro_f1"] = float(np.mean([_f1(predictions, references, c) for c in range(num_classes)]))
+        return scores
+
+
+def _f1(predictions, references, label):
+    """One-vs-rest F1 of `label`: 2·TP / (2·TP + FP + FN), 0.0 when the class is neither predicted nor present."""
+    true_positive = int(np.sum((predictions == label) & (references == label)))
+    false_positive = int(np.sum((predictions == label) & (references != label)))
+    false_negative = int(np.sum((predictions != label) & (references == label)))
+    denominator = 2 * true_positive + false_positive + false_negative
+    return 2 * true_positive / denominator if denominator else 0.0
