@@ -1,0 +1,57 @@
+"""benchmarks/convergence.py: runs merged per seed/method, and the summary recomputed by hand from them."""
+
+import statistics
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+sys.path.insert(0, str(REPO / "examples"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+import convergence  # noqa: E402
+
+
+def run(accuracy, curve, steps, forwards_per_step, peak=10.0, lr=1e-3):
+    """A result as demo.train returns it; `curve` holds (step, accuracy) pairs."""
+    return {
+        "test_accuracy": accuracy,
+        "train_s": 1.0 * steps,
+        "peak_mib": peak,
+        "steps": steps,
+        "forward_passes": steps * forwards_per_step,
+        "learning_rate": lr,
+        "curve": [[s, s * forwards_per_step, 1.0 * s, a] for s, a in curve],
+    }
+
+
+def test_merge_then_summary_matches_a_hand_computation():
+    record = {"runs": {}, "records": []}
+    # Seed 13 arrives in two invocations (MeZO alone, then ZO-Muon); seed 42 in one; a rerun replaces a cell.
+    convergence.merge_runs(record, {"13": {"top1": {"mezo": run(0.50, [(0, 0.5), (5, 0.6), (10, 0.7)], 10, 2)}}})
+    convergence.merge_runs(record, {"13": {"top1": {"zo_muon": run(0.70, [(0, 0.5), (2, 0.7), (4, 0.7)], 4, 5)}}})
+    convergence.merge_runs(record, {"13": {"top1": {"mezo": run(0.72, [(0, 0.5), (5, 0.6), (10, 0.7)], 10, 2)}}})
+    convergence.merge_runs(
+        record,
+        {
+            "42": {
+                "top1": {
+                    "mezo": run(0.68, [(0, 0.5), (5, 0.64), (10, 0.66)], 10, 2, peak=14.0),
+                    "zo_muon": run(0.66, [(0, 0.5), (2, 0.6), (4, 0.69)], 4, 5),
+                }
+            }
+        },
+    )
+    assert sorted(record["runs"]) == ["13", "42"] and sorted(record["runs"]["13"]["top1"]) == ["mezo", "zo_muon"]
+
+    summary = convergence.summarize(record["runs"])["top1"]
+    mezo, muon = summary["mezo"], summary["zo_muon"]
+    assert mezo["seeds"] == muon["seeds"] == 2
+    assert mezo["test_accuracy"] == pytest.approx(0.70)  # the rerun's 0.72, not the replaced 0.50
+    assert mezo["test_accuracy_std"] == pytest.approx(statistics.stdev([0.72, 0.68]))
+    assert mezo["peak_mib"] == pytest.approx(12.0) and muon["forward_passes"] == 20
+    # Mean curves: MeZO ends at (0.70 + 0.66) / 2 = 0.68 after 20 forwards; ZO-Muon's mean is 0.65 at 10 forwards
+    # and 0.695 at 20, so it first reaches 0.68 at 20 forwards: a ratio of 1 to MeZO's 20.
+    assert mezo["curve"][-1] == pytest.approx([10, 20, 10.0, 0.68])
+    assert muon["curve"][1] == pytest.approx([2, 10, 2.0, 0.65])
+    assert muon["forwards_to_mezo_final"] == 20 and muon["forwards_ratio_to_mezo"] == pytest.approx(1.0)
