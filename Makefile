@@ -57,6 +57,7 @@ bench: $(STAMP)
 	$(BENCH)/sft.py $(call quick,--max_steps 2 --num_train 8 --num_eval 4)
 	$(BENCH)/accuracy.py $(call quick,--ks 16 --seeds 42 --mezo_steps 20 --ft_steps 5)
 	$(BENCH)/seed_log.py
+	$(BENCH)/convergence.py $(call quick,--seeds 42 --forwards 40 --adamw_steps 2 --curve_points 2 --curve_examples 16)
 
 quality: $(STAMP)
 	$(BIN)/ruff check hf_mezo tests examples benchmarks
