@@ -16,6 +16,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .distributed import parameter_checksums
+from .refusals import shown_names
 
 logger = logging.get_logger(__name__)
 
@@ -41,9 +42,7 @@ class BufferWatch:
     def warn_if_written(self) -> list[str]:
         changed = self.written()
         if changed:
-            shown = ", ".join(repr(n) for n in changed[:5]) + (
-                f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-            )
+            shown = shown_names(changed)
             logger.warning(
                 f"The first MeZO step changed the buffer(s) {shown}: the model's forward writes them even in eval "
                 "mode, so under MeZO they are written twice per micro-batch (at θ + εz and at θ − εz) instead of once "

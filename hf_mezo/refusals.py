@@ -34,6 +34,13 @@ BYPASSED_TRAINING_STEPS = {
 VERIFIED_TRL_TRAINERS = {"_BaseTrainer", "BaseTrainer", "SFTTrainer"}
 
 
+def shown_names(names: list[str], limit: int = 5) -> str:
+    """`'a', 'b' and 3 more`: the names a warning or error quotes, at most `limit` of them."""
+    return ", ".join(repr(n) for n in names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
+
+
 def refuse_misplaced_mixin(cls: type, mixin: type) -> None:
     """Refuse a class in which the mixin's step would not run, or would silently skip a subclass's step.
 
@@ -247,9 +254,7 @@ def warn_frozen_running_statistics(model: nn.Module) -> None:
         and module.running_mean is not None
     ]
     if tracking:
-        shown = ", ".join(repr(n) for n in tracking[:5]) + (
-            f" and {len(tracking) - 5} more" if len(tracking) > 5 else ""
-        )
+        shown = shown_names(tracking)
         logger.warning(
             f"MeZO does not update the running statistics of {shown}: its two passes run in eval mode, so running "
             "mean/variance stay at their current values (frozen BatchNorm), where the stock Trainer would update "

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..directions import draw_dtype
 from .state import PassState
+from .streamed import accelerate_hooked
 
 
 def applies(module: nn.Module, param: nn.Parameter, optimizer) -> bool:
@@ -32,7 +33,7 @@ def applies(module: nn.Module, param: nn.Parameter, optimizer) -> bool:
         return False
     if draw_dtype(param.dtype) != param.dtype:
         return False
-    if "forward" in module.__dict__ and not (hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")):
+    if "forward" in module.__dict__ and not accelerate_hooked(module):
         return False  # someone else's instance-level forward: computing the layer ourselves would bypass it
     return type(module) is nn.Linear or (type(module) is nn.Embedding and module.max_norm is None)
 

@@ -45,7 +45,7 @@ def streams(module: nn.Module, param: nn.Parameter) -> bool:
     """Whether `param` is `module`'s weight and large enough, in a module type we can stream exactly."""
     if param.numel() < STREAM_MIN_NUMEL or getattr(module, "weight", None) is not param or param.dim() != 2:
         return False
-    if "forward" in module.__dict__ and not _accelerate_hooked(module):
+    if "forward" in module.__dict__ and not accelerate_hooked(module):
         return False  # someone else's instance-level forward: computing the layer ourselves would bypass it
     if type(module) is nn.Linear or hasattr(module, "active_rows"):  # the label-word head's decoder
         return True
@@ -63,7 +63,7 @@ def block_rows(row_numel: int, target: int = BLOCK_NUMEL) -> int:
     return max(1, target // row_numel)
 
 
-def _accelerate_hooked(module: nn.Module) -> bool:
+def accelerate_hooked(module: nn.Module) -> bool:
     return hasattr(module, "_hf_hook") and hasattr(module, "_old_forward")
 
 
@@ -141,7 +141,7 @@ def streaming(
 
 
 def _install(module: nn.Module, weight: nn.Parameter, state: PassState, build) -> Callable[[], None]:
-    attribute = "_old_forward" if _accelerate_hooked(module) else "forward"
+    attribute = "_old_forward" if accelerate_hooked(module) else "forward"
     had_own = attribute in module.__dict__
     previous = module.__dict__.get(attribute)
     plain_call = previous if had_own else type(module).forward.__get__(module)
