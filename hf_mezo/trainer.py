@@ -36,6 +36,7 @@ from .buffers import BufferWatch
 from .config import method_knobs, zo_settings
 from .distributed import check_rank_consistency, wrap_model_for_mezo
 from .divergence import NonFiniteGuard, first_non_finite
+from .eval_mode import eval_mode
 from .label_check import check_training_labels
 from .label_items import loss_shifts_labels, shift_is_known
 from .model_card import describe_mezo, mezo_description, with_mezo_tags
@@ -257,9 +258,9 @@ class MeZOMixin:
         if not contributes and not self._zo_runs_collectives(model):
             return torch.zeros((), device=self.args.device)
         # ...but a sharded (FSDP2) model runs it anyway: every rank must join every forward's all-gathers.
-        model.eval()  # dropout off: every pass must see the same function of θ
         mean_losses = []
-        try:
+        # Dropout off: every pass must see the same function of θ; train mode afterwards, as the stock step leaves it.
+        with eval_mode(model):
             losses = []
             for probe, scale in optimizer.passes():  # MeZO: (0, +ε), (0, −ε); one-sided methods add (None, 0)
                 with self._zo_pass(model, optimizer, probe, scale):
@@ -277,8 +278,6 @@ class MeZOMixin:
                         f"({[loss.item() for loss in losses]}); this step's update will be skipped."
                     )
                 mean_losses.append(optimizer.mean_loss(losses))
-        finally:
-            model.train()  # as the stock training_step leaves it
         if not mean_losses:
             return torch.zeros((), device=self.args.device)
         return torch.stack(mean_losses).mean().float().to(self.args.device)

@@ -146,9 +146,12 @@ _SKIPPED_ATTRIBUTES = frozenset(
 )
 
 
+_EXACT_SCALAR_TYPES = frozenset(_SCALARS)
+
+
 def _plain_value(value, depth: int = 0):
     """A hashable copy of `value` if it is plain data (scalars and small containers of them), else None."""
-    if isinstance(value, _SCALARS):
+    if type(value) in _EXACT_SCALAR_TYPES or isinstance(value, _SCALARS):  # the exact-type test: the common case
         return value
     if depth < 3 and isinstance(value, (list, tuple)):
         return (type(value).__name__, *(_plain_value(v, depth + 1) for v in value))
@@ -159,17 +162,19 @@ def _plain_value(value, depth: int = 0):
     return None
 
 
-def module_state_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
-    """The plain-data attributes of every module (and submodule) in `modules`: norm eps, peft scaling, ..."""
+def module_state_fingerprint(modules: Iterable[torch.nn.Module], walk: bool = True) -> tuple:
+    """The plain-data attributes of every module in `modules` (and, with `walk`, their submodules): norm eps,
+    peft scaling, ... In each module's attribute order (insertion order: an attribute deleted and set again
+    moves, which reads as a change and only costs a refill)."""
     state = []
-    for root in modules:
-        for module in root.modules():
-            attributes = tuple(
-                (key, _plain_value(value))
-                for key, value in sorted(vars(module).items())
-                if key not in _SKIPPED_ATTRIBUTES and not callable(value) and _plain_value(value) is not None
-            )
-            state.append((id(module), type(module).__qualname__, attributes))
+    for module in (m for root in modules for m in root.modules()) if walk else modules:
+        attributes = []
+        for key, value in vars(module).items():
+            if key not in _SKIPPED_ATTRIBUTES:
+                plain = _plain_value(value)
+                if plain is not None:
+                    attributes.append((key, plain))
+        state.append((id(module), type(module).__qualname__, tuple(attributes)))
     return tuple(state)
 
 

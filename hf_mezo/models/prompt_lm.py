@@ -208,16 +208,22 @@ class PromptLMMixin:
             self.depth_cache.validate((0,), ())  # everything trains: release the entries
             return 0
         frozen = [*self._embedding_modules(), *self._stack_layers()[:depth]]
-        if isinstance(self, _sharded_parameter_types()) or any(gathers_parameters(m) for m in frozen):
+        # One walk over the frozen modules serves every check below: this runs on every forward (two a MeZO step),
+        # where separate traversals per check cost as much as the one layer above the cut.
+        modules = [m for root in frozen for m in root.modules()]
+        sharded = _sharded_parameter_types()
+        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+        if isinstance(self, sharded) or any(isinstance(m, sharded) for m in modules):
             return 0  # sharded training (FSDP, ZeRO-3): each rank must run every layer's collectives
-        if any(_drops_out(m) for module in frozen for m in module.modules()) or _drops_layers(self):
+        if any(isinstance(t, sharded) or hasattr(t, "ds_id") for t in tensors):
+            return 0
+        if any(_drops_out(m) for m in modules) or _drops_layers(self):
             return 0  # active dropout (or LayerDrop) makes the frozen stack random: nothing to reuse
-        tensors = [t for module in frozen for t in (*module.parameters(), *module.buffers())]
         fingerprint = (
             depth,
             self.config._attn_implementation,
             tensor_fingerprint(tensors),
-            module_state_fingerprint(frozen),
+            module_state_fingerprint(modules, walk=False),
         )
         self.depth_cache.validate(fingerprint, tensors)
         return depth
