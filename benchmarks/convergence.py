@@ -49,7 +49,11 @@ from hf_mezo.methods import METHODS  # noqa: E402
 
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "sst2" / "k-shot-1k-test"
 RESULTS = HERE / "results"
-LR_GRID = {"adamw": (3e-5, 1e-4, 3e-4), "default": (1e-4, 3e-4, 1e-3)}
+# Learning-rate grids of --select_lr, per trainable set: LoRA's zero-initialised B and small A take larger steps.
+LR_GRID = {
+    "default": {"adamw": (3e-5, 1e-4, 3e-4), "default": (1e-4, 3e-4, 1e-3)},
+    "top1_lora": {"adamw": (3e-4, 1e-3, 3e-3), "default": (3e-4, 1e-3, 2e-3)},
+}
 SELECT_LR_SHARE = 4  # --select_lr runs 1/4 of the budget per learning rate
 
 
@@ -122,6 +126,11 @@ def learning_rates(args) -> dict:
     return chosen
 
 
+def lr_grid(trainable: str, method: str) -> tuple[float, ...]:
+    grids = LR_GRID.get(trainable, LR_GRID["default"])
+    return grids.get(method, grids["default"])
+
+
 def run_seed(setup, seed: int, args, rates: dict) -> dict:
     """Every (trainable set, method) run on one data seed's split: {set: {method: result}}."""
     data = load_sst2(512, seed, args.data_dir)
@@ -129,11 +138,12 @@ def run_seed(setup, seed: int, args, rates: dict) -> dict:
     if args.select_lr:  # scored on the split's dev set, never the test set
         rows = data["validation"].shuffle(seed=0).select(range(min(args.dev_examples, len(data["validation"]))))
         score_batches = demo.batches_by_length(setup.collator, rows)
-        curve_batches = score_batches
     else:
         score_batches = demo.batches_by_length(setup.collator, data["test"])
         rows = data["test"].shuffle(seed=0).select(range(min(args.curve_examples, len(data["test"]))))
-        curve_batches = demo.batches_by_length(setup.collator, rows)
+    # Curve points are forwarded inside each run's memory window: at the training batch size they cost what a
+    # training forward costs, so a run's peak memory is its training's (see demo.TestCurve).
+    curve_batches = demo.batches_by_length(setup.collator, rows, args.batch_size)
     results: dict = {}
     model = setup.model
     for trainable in args.trainable_sets:
@@ -143,7 +153,7 @@ def run_seed(setup, seed: int, args, rates: dict) -> dict:
         demo.predict(model, score_batches, desc=f"seed {seed}: frozen layers, {'dev' if args.select_lr else 'test'}")
         cache_s = time.perf_counter() - start
         for method in args.methods:
-            grid = LR_GRID.get(method, LR_GRID["default"]) if args.select_lr else [rates[trainable][method]]
+            grid = lr_grid(trainable, method) if args.select_lr else [rates[trainable][method]]
             forwards = args.forwards // SELECT_LR_SHARE if args.select_lr else args.forwards
             for lr in grid:
                 method_args = training_args(method, args, lr, forwards)
@@ -264,7 +274,7 @@ def main(argv=None) -> dict:
     output = Path(args.output)
     record = {"runs": {}, "records": []}
     if (args.merge or args.combine) and output.is_file():
-        record = json.loads(output.read_text())
+        record = {"runs": {}, "records": [], **json.loads(output.read_text())}
     if args.combine:
         for path in args.combine:
             other = json.loads(Path(path).read_text())
@@ -298,8 +308,11 @@ def merge_runs(record: dict, runs: dict) -> None:
 def write(record: dict, args, rates: dict, output: Path) -> dict:
     sets = sorted({t for by_set in record["runs"].values() for t in by_set})
     record["trainable_sets"] = {name: demo.TRAINABLE_SETS[name] for name in sets}
-    if args.select_lr:
-        record["chosen"] = choose(record["runs"])
+    if args.select_lr:  # a set or method selected now replaces its earlier choice; the others are kept
+        chosen = record.get("chosen", {})
+        for trainable, by_method in choose(record["runs"]).items():
+            chosen.setdefault(trainable, {}).update(by_method)
+        record["chosen"] = chosen
         print(json.dumps(record["chosen"], indent=1))
     else:
         record["learning_rates"] = rates

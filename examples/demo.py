@@ -240,7 +240,8 @@ def forwards_per_step(args: TrainingArguments) -> int:
 class TestCurve(TrainerCallback):
     """Accuracy on `batches` at step 0 and every `every` steps: (step, forward passes, training seconds, accuracy).
 
-    The evaluation time is kept out of the training seconds.
+    The evaluation time is kept out of the training seconds. Pass `batches` of the training batch size: they are
+    forwarded inside the run's memory window, and larger ones would make the evaluation, not training, its peak.
     """
 
     def __init__(self, batches: list[dict], every: int, forwards: int):
@@ -415,7 +416,9 @@ def run(args: argparse.Namespace, setup: PromptSetup) -> dict:
         predict(model, batches_by_length(setup.collator, data["train"], args.batch_size))
     results["inference"] = {"peak_mib": memory.mib, "wall_s": time.perf_counter() - inference_start}
     curve_rows = data["test"].shuffle(seed=0).select(range(min(args.curve_examples, len(data["test"]))))
-    curve_batches = batches_by_length(setup.collator, curve_rows)
+    # In batches of the training batch size: a curve evaluation inside a run then costs no more memory than the
+    # run's own forwards, so the run's peak is its training's (at 64 rows, an evaluation's attention would set it).
+    curve_batches = batches_by_length(setup.collator, curve_rows, args.batch_size)
     trained = {}
     for method in (*args.methods, "adamw"):
         lr = args.learning_rates[method]

@@ -55,3 +55,27 @@ def test_merge_then_summary_matches_a_hand_computation():
     assert mezo["curve"][-1] == pytest.approx([10, 20, 10.0, 0.68])
     assert muon["curve"][1] == pytest.approx([2, 10, 2.0, 0.65])
     assert muon["forwards_to_mezo_final"] == 20 and muon["forwards_ratio_to_mezo"] == pytest.approx(1.0)
+
+
+def test_select_lr_keeps_the_other_sets_choices(tmp_path):
+    """A --select_lr --merge run for one set (LoRA) picks its best dev learning rates and keeps the others'."""
+    output = tmp_path / "convergence_lr.json"
+    record = {"runs": {}, "records": [], "chosen": {"top1": {"mezo": 3e-4, "adamw": 3e-4}}}
+    convergence.merge_runs(
+        record,
+        {
+            "42": {
+                "top1_lora": {
+                    "mezo@0.001": run(0.66, [(0, 0.5)], 10, 2),
+                    "mezo@0.002": run(0.61, [(0, 0.5)], 10, 2),
+                    "adamw@0.003": run(0.78, [(0, 0.5)], 10, 1),
+                    "adamw@0.001": run(0.80, [(0, 0.5)], 10, 1),
+                }
+            }
+        },
+    )
+    args = convergence.parse_args(["--select_lr", f"--output={output}"])
+    chosen = convergence.write(record, args, {}, output)["chosen"]
+    assert chosen == {"top1": {"mezo": 3e-4, "adamw": 3e-4}, "top1_lora": {"mezo": 1e-3, "adamw": 1e-3}}
+    assert convergence.lr_grid("top1_lora", "adamw") == (3e-4, 1e-3, 3e-3)
+    assert convergence.lr_grid("top1", "zo_muon") == convergence.LR_GRID["default"]["default"]

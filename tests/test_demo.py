@@ -80,8 +80,21 @@ def demo_run(tmp_path_factory):
             "--curve_examples=16",
         ]
     )
-    results = demo.run(args, demo.prompt_setup(model, gpt2_style_tokenizer(padding_side="left")))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(demo.TestCurve, "__init__", _recording_curve_rows(demo.TestCurve.__init__))
+        results = demo.run(args, demo.prompt_setup(model, gpt2_style_tokenizer(padding_side="left")))
     return model, pretrained, results, output_dir, data_dir
+
+
+CURVE_BATCH_ROWS: list[int] = []  # rows of every batch a run's test curve forwards (filled by demo_run)
+
+
+def _recording_curve_rows(init):
+    def recording_init(self, batches, every, forwards):
+        CURVE_BATCH_ROWS.extend(len(batch["labels"]) for batch in batches)
+        init(self, batches, every, forwards)
+
+    return recording_init
 
 
 def stock_model(pretrained, trained=None):
@@ -161,3 +174,12 @@ def test_demo_reports_what_the_stock_model_computes(demo_run):
     # The frozen layers ran once per example: every later pass was served by the depth cache.
     cache = model.depth_cache
     assert 0 < cache.misses <= len(data["train"]) + len(data["test"]) < cache.hits
+
+
+def test_curve_evaluations_do_not_set_the_runs_peak_memory(demo_run):
+    """The curve points are forwarded inside each run's memory window: in batches of at most the training batch
+    (8 here), an evaluation costs what a training forward costs. Larger ones (64 rows, as the final evaluation
+    uses) made MeZO's reported peak 114 MiB above the model on SmolLM2 instead of its training's 31–36 MiB."""
+    assert CURVE_BATCH_ROWS, "no run recorded a test curve"
+    assert max(CURVE_BATCH_ROWS) <= 8
+    assert sum(CURVE_BATCH_ROWS) == 16 * 3  # --curve_examples 16, for mezo, fzoo and adamw
