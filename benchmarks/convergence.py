@@ -50,9 +50,20 @@ from hf_mezo.methods import METHODS  # noqa: E402
 DEFAULT_DATA_DIR = REPO.parent / "shared" / "data" / "sst2" / "k-shot-1k-test"
 RESULTS = HERE / "results"
 # Learning-rate grids of --select_lr, per trainable set: LoRA's zero-initialised B and small A take larger steps.
+# The normalised (FZOO) and orthogonalised (ZO-Muon) updates take larger rates than MeZO's g·z.
 LR_GRID = {
-    "default": {"adamw": (3e-5, 1e-4, 3e-4), "default": (1e-4, 3e-4, 1e-3)},
-    "top1_lora": {"adamw": (3e-4, 1e-3, 3e-3), "default": (3e-4, 1e-3, 2e-3)},
+    "default": {
+        "adamw": (3e-5, 1e-4, 3e-4),
+        "fzoo": (3e-4, 1e-3, 3e-3, 1e-2, 2e-2),
+        "zo_muon": (3e-4, 1e-3, 3e-3, 1e-2, 2e-2),
+        "default": (1e-4, 3e-4, 1e-3),
+    },
+    "top1_lora": {
+        "adamw": (3e-4, 1e-3, 3e-3),
+        "fzoo": (2e-3, 5e-3, 1e-2, 2e-2),
+        "zo_muon": (2e-3, 5e-3, 1e-2, 2e-2),
+        "default": (3e-4, 1e-3, 2e-3),
+    },
 }
 SELECT_LR_SHARE = 4  # --select_lr runs 1/4 of the budget per learning rate
 
@@ -79,6 +90,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--curve_examples", type=int, default=256)
     parser.add_argument("--data_dir", default=str(DEFAULT_DATA_DIR), help="the k-shot-1k-test directory")
     parser.add_argument("--select_lr", action="store_true", help="pick learning rates on the dev set instead")
+    parser.add_argument(
+        "--lrs", type=float, nargs="+", default=None, help="--select_lr: try these rates instead of the set's grid"
+    )
     parser.add_argument("--dev_examples", type=int, default=512, help="dev sentences scored by --select_lr")
     parser.add_argument("--learning_rates", default=str(RESULTS / "convergence_lr.json"))
     parser.add_argument("--output", default=None, help="default: results/convergence.json (convergence_lr.json)")
@@ -153,7 +167,7 @@ def run_seed(setup, seed: int, args, rates: dict) -> dict:
         demo.predict(model, score_batches, desc=f"seed {seed}: frozen layers, {'dev' if args.select_lr else 'test'}")
         cache_s = time.perf_counter() - start
         for method in args.methods:
-            grid = lr_grid(trainable, method) if args.select_lr else [rates[trainable][method]]
+            grid = (args.lrs or lr_grid(trainable, method)) if args.select_lr else [rates[trainable][method]]
             forwards = args.forwards // SELECT_LR_SHARE if args.select_lr else args.forwards
             for lr in grid:
                 method_args = training_args(method, args, lr, forwards)

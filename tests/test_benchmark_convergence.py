@@ -78,4 +78,4 @@ def test_select_lr_keeps_the_other_sets_choices(tmp_path):
     chosen = convergence.write(record, args, {}, output)["chosen"]
     assert chosen == {"top1": {"mezo": 3e-4, "adamw": 3e-4}, "top1_lora": {"mezo": 1e-3, "adamw": 1e-3}}
     assert convergence.lr_grid("top1_lora", "adamw") == (3e-4, 1e-3, 3e-3)
-    assert convergence.lr_grid("top1", "zo_muon") == convergence.LR_GRID["default"]["default"]
+    assert convergence.lr_grid("top1", "lozo") == convergence.LR_GRID["default"]["default"]
