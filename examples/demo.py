@@ -24,7 +24,7 @@ writes ``<output_dir>/results.json`` and plots the test-accuracy curves (``curve
 the final numbers are on all 872). The settings were picked with short runs on the split's dev set
 (docs/demo_smollm2.md); the test set plays no part in any choice.
 
-    python examples/demo.py                          # the defaults, ≈ 7 min on 2 quiet CPU cores
+    python examples/demo.py                          # the defaults, ≈ 5 min on 2 quiet CPU cores
     python examples/demo.py --methods mezo --forwards 400    # plain MeZO only, a shorter run
     python examples/demo.py --data_seed 13 --data_dir ../shared/data/sst2/k-shot-1k-test
 """

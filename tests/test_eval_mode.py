@@ -3,25 +3,17 @@
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedModel, RobertaConfig, RobertaForSequenceClassification
+from transformers import PreTrainedModel, RobertaForSequenceClassification
 
 from hf_mezo import MeZOConfig, MeZOTrainer
 from hf_mezo.eval_mode import eval_mode
 
+from .conftest import tiny_roberta_config
+
 
 def tiny_classifier(dropout: float = 0.5) -> RobertaForSequenceClassification:
     torch.manual_seed(0)
-    config = RobertaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=40,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-        num_labels=2,
-    )
+    config = tiny_roberta_config(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout, num_labels=2)
     return RobertaForSequenceClassification(config)
 
 
