@@ -93,6 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--lrs", type=float, nargs="+", default=None, help="--select_lr: try these rates instead of the set's grid"
     )
+    parser.add_argument(
+        "--select_share",
+        type=int,
+        default=SELECT_LR_SHARE,
+        help="--select_lr runs 1/N of --forwards per rate (1: the full budget, for a choice short runs got wrong)",
+    )
     parser.add_argument("--dev_examples", type=int, default=512, help="dev sentences scored by --select_lr")
     parser.add_argument("--learning_rates", default=str(RESULTS / "convergence_lr.json"))
     parser.add_argument("--output", default=None, help="default: results/convergence.json (convergence_lr.json)")
@@ -168,7 +174,7 @@ def run_seed(setup, seed: int, args, rates: dict) -> dict:
         cache_s = time.perf_counter() - start
         for method in args.methods:
             grid = (args.lrs or lr_grid(trainable, method)) if args.select_lr else [rates[trainable][method]]
-            forwards = args.forwards // SELECT_LR_SHARE if args.select_lr else args.forwards
+            forwards = args.forwards // args.select_share if args.select_lr else args.forwards
             for lr in grid:
                 method_args = training_args(method, args, lr, forwards)
                 steps = method_args.max_steps
