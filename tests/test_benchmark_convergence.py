@@ -79,3 +79,12 @@ def test_select_lr_keeps_the_other_sets_choices(tmp_path):
     assert chosen == {"top1": {"mezo": 3e-4, "adamw": 3e-4}, "top1_lora": {"mezo": 1e-3, "adamw": 1e-3}}
     assert convergence.lr_grid("top1_lora", "adamw") == (3e-4, 1e-3, 3e-3)
     assert convergence.lr_grid("top1", "lozo") == convergence.LR_GRID["default"]["default"]
+
+
+def test_select_share_sets_the_budget_of_each_selection_run():
+    """--select_lr runs 1/N of --forwards per rate: a quarter by default, the full budget with --select_share 1."""
+    quarter = convergence.parse_args(["--select_lr", "--forwards=1200"])
+    full = convergence.parse_args(["--select_lr", "--forwards=1200", "--select_share=1"])
+    assert convergence.training_args("mezo", quarter, 1e-3, quarter.forwards // quarter.select_share).max_steps == 150
+    assert convergence.training_args("mezo", full, 1e-3, full.forwards // full.select_share).max_steps == 600
+    assert convergence.training_args("zo_muon", full, 1e-3, full.forwards // full.select_share).max_steps == 240
