@@ -80,6 +80,7 @@ from hf_mezo.cache_fill import fill_depth_cache
 from hf_mezo.data import load_sst2
 from hf_mezo.metrics import build_compute_metrics
 from hf_mezo.models import (
+    AutoModelForPromptCausalLM,
     BertForPromptMaskedLM,
     GPT2ForPromptCausalLM,
     LlamaForPromptCausalLM,
@@ -327,12 +328,14 @@ def load_model(model_args: ModelArguments, verbalizer: Verbalizer, tokenizer) ->
     config = load_config(model_args)
     model_cls = AutoModelForMaskedLM
     if is_causal_config(config):
-        model_cls = PROMPT_CAUSAL_CLASSES.get(config.model_type)
-        if model_cls is None or not model_args.label_word_head:
+        # The family classes carry fast paths (depth cache, shared prefix); any other family gets the generic one.
+        model_cls = PROMPT_CAUSAL_CLASSES.get(config.model_type, AutoModelForPromptCausalLM)
+        if not model_args.label_word_head:
             raise ValueError(
                 f"{model_args.model_name_or_path} is a causal LM ({config.model_type!r}); run_sst2 prompts causal LMs "
-                f"with hf_mezo's prompt causal LM classes only (model types {sorted(PROMPT_CAUSAL_CLASSES)}), "
-                "without --no_label_word_head."
+                f"through hf_mezo's prompt causal LM classes (model types {sorted(PROMPT_CAUSAL_CLASSES)}, "
+                "AutoModelForPromptCausalLM for any other), whose class logits the causal collator's labels need: "
+                "run without --no_label_word_head."
             )
     elif model_args.label_word_head:
         model_cls = PROMPT_MLM_CLASSES.get(config.model_type, AutoModelForMaskedLM)

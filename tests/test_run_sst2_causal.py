@@ -111,3 +111,37 @@ def test_causal_run_with_prefix(tiny_causal_dir, tmp_path):
     model = PeftModel.from_pretrained(base, output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_causal_dir)
     assert metrics["test_accuracy"] == pytest.approx(_hand_accuracy(model, tokenizer))
+
+
+def test_causal_family_without_its_own_class_runs_generic(tmp_path):
+    """A causal family with no hf_mezo class (Mistral) runs through AutoModelForPromptCausalLM: the saved accuracy
+    is the stock MistralForCausalLM's on the saved checkpoint, and only the top layer and final norm moved."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model_dir = tmp_path / "tiny-mistral"
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=50265,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        bos_token_id=2,
+        eos_token_id=2,
+    )
+    MistralForCausalLM(config).save_pretrained(model_dir)
+    gpt2_style_tokenizer(padding_side="left").save_pretrained(model_dir)
+    assert config.model_type not in import_run_sst2().PROMPT_CAUSAL_CLASSES
+    output_dir = tmp_path / "run"
+    metrics = import_run_sst2().main(_args(model_dir, output_dir, "--trainer=mezo", "--zo_train_top_layers=1"))
+    trained = MistralForCausalLM.from_pretrained(output_dir).eval()
+    assert metrics["test_accuracy"] == pytest.approx(
+        _hand_accuracy(trained, AutoTokenizer.from_pretrained(output_dir))
+    )
+    initial = MistralForCausalLM.from_pretrained(model_dir).state_dict()
+    changed = {n for n, t in trained.state_dict().items() if not torch.equal(t, initial[n])}
+    assert changed and all(n.startswith(("model.layers.1.", "model.norm.")) for n in changed), changed
