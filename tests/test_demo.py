@@ -14,7 +14,7 @@ from hf_mezo import LlamaForPromptCausalLM
 from hf_mezo.data import SHIPPED_KSHOT_DIR, load_sst2
 
 from .conftest import REPO
-from .test_prompting_causal import GREAT, TERRIBLE, gpt2_style_tokenizer
+from .test_prompting_causal import GREAT, TERRIBLE, TINY_CAUSAL, gpt2_style_tokenizer
 
 sys.path.insert(0, str(REPO / "examples"))
 import demo  # noqa: E402
@@ -37,19 +37,7 @@ def small_split(root):
 
 
 def tiny_config():
-    return LlamaConfig(
-        vocab_size=50265,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-    )
+    return LlamaConfig(**{**TINY_CAUSAL, "num_hidden_layers": 3})
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,22 @@ SENTENCES = [
 ]
 
 
+# A tiny decoder on the full roberta/GPT-2 BPE vocabulary (the tokenizer below); Llama and Mistral take these fields.
+TINY_CAUSAL = dict(
+    vocab_size=50265,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+    pad_token_id=1,
+    bos_token_id=2,
+    eos_token_id=2,
+)
+
+
 def gpt2_style_tokenizer(padding_side="right"):
     vocab = json.loads((ROBERTA / "vocab.json").read_text(encoding="utf-8"))
     lines = (ROBERTA / "merges.txt").read_text(encoding="utf-8").splitlines()[1:]
@@ -103,16 +119,7 @@ def test_collator_labels_and_positions_for_either_padding_side():
 
 def test_a_rows_scores_do_not_depend_on_padding_side_or_batch_mates():
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50265,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
+    config = LlamaConfig(**TINY_CAUSAL)
     model = LlamaForPromptCausalLM(config, label_word_ids=[TERRIBLE, GREAT]).eval()
     rows = [{"sentence": s, "label": i % 2} for i, s in enumerate(SENTENCES)]
     results = {}

@@ -10,31 +10,21 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from hf_mezo.data import load_sst2
 
 from .conftest import import_run_sst2
-from .test_prompting_causal import GREAT, TERRIBLE, gpt2_style_tokenizer
+from .test_prompting_causal import GREAT, TERRIBLE, TINY_CAUSAL, gpt2_style_tokenizer
 
 TEST_ROWS = 24
 
 
-@pytest.fixture(scope="module")
-def tiny_causal_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
+def save_tiny_causal(path, model_class, config_class):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50265,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    model_class(config_class(**TINY_CAUSAL)).save_pretrained(path)
     gpt2_style_tokenizer(padding_side="left").save_pretrained(path)  # left padding, as causal tokenizers often do
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_causal_dir(tmp_path_factory):
+    return save_tiny_causal(tmp_path_factory.mktemp("tiny-llama"), LlamaForCausalLM, LlamaConfig)
 
 
 def _args(model_dir, output_dir, *extra):
@@ -118,24 +108,8 @@ def test_causal_family_without_its_own_class_runs_generic(tmp_path):
     is the stock MistralForCausalLM's on the saved checkpoint, and only the top layer and final norm moved."""
     from transformers import MistralConfig, MistralForCausalLM
 
-    model_dir = tmp_path / "tiny-mistral"
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=50265,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=1,
-        bos_token_id=2,
-        eos_token_id=2,
-    )
-    MistralForCausalLM(config).save_pretrained(model_dir)
-    gpt2_style_tokenizer(padding_side="left").save_pretrained(model_dir)
-    assert config.model_type not in import_run_sst2().PROMPT_CAUSAL_CLASSES
+    model_dir = save_tiny_causal(tmp_path / "tiny-mistral", MistralForCausalLM, MistralConfig)
+    assert MistralConfig.model_type not in import_run_sst2().PROMPT_CAUSAL_CLASSES
     output_dir = tmp_path / "run"
     metrics = import_run_sst2().main(_args(model_dir, output_dir, "--trainer=mezo", "--zo_train_top_layers=1"))
     trained = MistralForCausalLM.from_pretrained(output_dir).eval()
