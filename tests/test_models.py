@@ -562,12 +562,12 @@ def test_module_state_fingerprint_sees_peft_scaling_and_adapter_switches():
         RobertaForMaskedLM(tiny_roberta_config()), LoraConfig(r=2, target_modules=["query", "value"])
     )
     layer = model.base_model.model.roberta.encoder.layer[0]
-    seen = [module_state_fingerprint([layer])]
+    seen = [module_state_fingerprint(layer.modules())]
     layer.attention.self.query.set_scale("default", 0.5)  # peft's scaling: a dict entry, no tensor changes
-    seen.append(module_state_fingerprint([layer]))
+    seen.append(module_state_fingerprint(layer.modules()))
     model.base_model.disable_adapter_layers()
-    seen.append(module_state_fingerprint([layer]))
+    seen.append(module_state_fingerprint(layer.modules()))
     model.base_model.enable_adapter_layers()
-    seen.append(module_state_fingerprint([layer]))
+    seen.append(module_state_fingerprint(layer.modules()))
     assert len(set(seen[:3])) == 3 and seen[3] == seen[1]
-    assert module_state_fingerprint([layer]) == seen[3]  # and stable when nothing changes
+    assert module_state_fingerprint(layer.modules()) == seen[3]  # and stable when nothing changes

@@ -162,12 +162,12 @@ def _plain_value(value, depth: int = 0):
     return None
 
 
-def module_state_fingerprint(modules: Iterable[torch.nn.Module], walk: bool = True) -> tuple:
-    """The plain-data attributes of every module in `modules` (and, with `walk`, their submodules): norm eps,
-    peft scaling, ... In each module's attribute order (insertion order: an attribute deleted and set again
-    moves, which reads as a change and only costs a refill)."""
+def module_state_fingerprint(modules: Iterable[torch.nn.Module]) -> tuple:
+    """The plain-data attributes of each module in `modules` (submodules included only when listed: the caller
+    has walked the tree already): norm eps, peft scaling, ... In each module's attribute order (insertion order:
+    an attribute deleted and set again moves, which reads as a change and only costs a refill)."""
     state = []
-    for module in (m for root in modules for m in root.modules()) if walk else modules:
+    for module in modules:
         attributes = []
         for key, value in vars(module).items():
             if key not in _SKIPPED_ATTRIBUTES:

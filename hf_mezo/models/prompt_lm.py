@@ -16,7 +16,7 @@ layer 0), and implements its forward.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -40,10 +40,15 @@ def gathers_parameters(module: nn.Module) -> bool:
     Such a module must run whole, and on every rank alike: calling its children directly would read shards,
     and a cache hit on one rank with a miss on another would leave the others waiting in its collectives.
     """
+    return holds_sharded_parameters(module.modules(), module.parameters())
+
+
+def holds_sharded_parameters(modules: Iterable[nn.Module], parameters: Iterable[torch.Tensor]) -> bool:
+    """`gathers_parameters` over modules and parameters a caller has already walked to."""
     types = _sharded_parameter_types()
-    if any(isinstance(m, types) for m in module.modules()):
-        return True
-    return any(isinstance(p, types) or hasattr(p, "ds_id") for p in module.parameters())
+    return any(isinstance(m, types) for m in modules) or any(
+        isinstance(p, types) or hasattr(p, "ds_id") for p in parameters
+    )
 
 
 _FUNCTIONAL_DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout", "dropout_prob")
@@ -211,19 +216,17 @@ class PromptLMMixin:
         # One walk over the frozen modules serves every check below: this runs on every forward (two a MeZO step),
         # where separate traversals per check cost as much as the one layer above the cut.
         modules = [m for root in frozen for m in root.modules()]
-        sharded = _sharded_parameter_types()
-        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-        if isinstance(self, sharded) or any(isinstance(m, sharded) for m in modules):
+        parameters = [p for m in modules for p in m._parameters.values() if p is not None]
+        if isinstance(self, _sharded_parameter_types()) or holds_sharded_parameters(modules, parameters):
             return 0  # sharded training (FSDP, ZeRO-3): each rank must run every layer's collectives
-        if any(isinstance(t, sharded) or hasattr(t, "ds_id") for t in tensors):
-            return 0
         if any(_drops_out(m) for m in modules) or _drops_layers(self):
             return 0  # active dropout (or LayerDrop) makes the frozen stack random: nothing to reuse
+        tensors = parameters + [b for m in modules for b in m._buffers.values() if b is not None]
         fingerprint = (
             depth,
             self.config._attn_implementation,
             tensor_fingerprint(tensors),
-            module_state_fingerprint(modules, walk=False),
+            module_state_fingerprint(modules),
         )
         self.depth_cache.validate(fingerprint, tensors)
         return depth
