@@ -3,7 +3,7 @@
 MeZO's passes must all compute the same function of θ, so they run with dropout off — every step, twice around the
 passes. `model.eval()` / `model.train()` would do that, but on a `transformers` model each call is more than a flag:
 `PreTrainedModel.train()` moves the hub-kernels mode between inference and training, and re-kernelizes the model on
-every change (≈ 9 ms a step on SmolLM2-135M with `kernels` installed, a tenth of a MeZO step on the demo's layer).
+every change (with `kernels` installed: a visible share of a MeZO step on a one-layer forward).
 The passes need only the flags. The kernel mode stays the one training set, whose kernels compute the same forward
 (no pass here runs a backward).
 

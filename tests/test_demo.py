@@ -167,7 +167,7 @@ def test_demo_reports_what_the_stock_model_computes(demo_run):
 def test_curve_evaluations_do_not_set_the_runs_peak_memory(demo_run):
     """The curve points are forwarded inside each run's memory window: in batches of at most the training batch
     (8 here), an evaluation costs what a training forward costs. Larger ones (64 rows, as the final evaluation
-    uses) made MeZO's reported peak 114 MiB above the model on SmolLM2 instead of its training's 31–36 MiB."""
+    uses) made an evaluation, not training, set MeZO's reported peak on SmolLM2."""
     assert CURVE_BATCH_ROWS, "no run recorded a test curve"
     assert max(CURVE_BATCH_ROWS) <= 8
     assert sum(CURVE_BATCH_ROWS) == 16 * 3  # --curve_examples 16, for mezo, fzoo and adamw
